@@ -1,0 +1,106 @@
+"""Generate synthetic examples from a trained SoftSRV checkpoint (paper Sec. 3.3, step 2).
+
+    python generate.py --ckpt out/ss_mc --n 1000
+
+Sample i uses the training example (i mod n_train) as its context: z = E(x), x' ~ H(P_θ(z)),
+round-robin over the train fold as in Appendix A.2 (SS_NP ignores the context). No text prompt of
+any kind goes into H. Output is JSONL, one sample a line; re-running the same command after an
+interruption appends only the missing samples (batch b is always drawn with seed (seed, b)).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import data
+from model import load_model, load_tokenizer
+from softsrv import ContextEncoder, context_vectors, load_checkpoint, sample
+from train import TrainConfig, dtype_of, load_training_data
+
+
+def generate(ckpt: str, n: int, out: str | None = None, temperature: float = 1.0, top_p: float = 1.0,
+             top_k: int = 0, batch_size: int = 16, max_new_tokens: int | None = None, seed: int = 0,
+             dtype: str | None = None) -> Path:
+    prompt, record = load_checkpoint(ckpt)
+    cfg = TrainConfig(**record["config"])
+    out_path = Path(out) if out else Path(ckpt) / "samples.jsonl"
+    max_new_tokens = max_new_tokens or cfg.max_tokens
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    # What is already there: only complete records with a matching setup count as done.
+    settings = {"checkpoint": str(ckpt), "step": record["step"], "temperature": temperature, "top_p": top_p,
+                "top_k": top_k, "seed": seed, "batch_size": batch_size, "max_new_tokens": max_new_tokens}
+    done = set()
+    if out_path.exists():
+        for r in data.read_jsonl(out_path):
+            other = [k for k, v in settings.items() if k != "checkpoint" and r.get(k) != v]
+            if other:
+                raise ValueError(f"{out_path}: holds samples made with other settings ({', '.join(other)}); "
+                                 f"choose another --out or delete it")
+            done.add(r["index"])
+    todo = [b for b in range(0, n, batch_size) if any(i not in done for i in range(b, min(n, b + batch_size)))]
+    if not todo:
+        print(f"{out_path}: all {n} samples already there")
+        return out_path
+
+    train_ex, held_ex = load_training_data(cfg)
+    if data.fingerprint(train_ex) != record["data_fingerprint"]:
+        raise ValueError(f"--data {cfg.data}: not the data {ckpt} was trained on (fingerprint changed)")
+    backbone = load_model(cfg.model, dtype=dtype_of(dtype or cfg.dtype), device=device)
+    tok = load_tokenizer(cfg.model)
+    enc_model = backbone if cfg.embed_model == cfg.model else load_model(cfg.embed_model, dtype=backbone.dtype, device=device)
+    encoder = ContextEncoder(enc_model, tok if enc_model is backbone else load_tokenizer(cfg.embed_model))
+    all_ex = train_ex + held_ex        # the same list train.py embedded, so the cached z is reused
+    z = context_vectors(encoder, cfg.embed_model, [e.text for e in all_ex], data.fingerprint(all_ex))[: len(train_ex)]
+    prompt = prompt.to(device).eval()
+
+    bar = tqdm(total=n, initial=len(done), desc=f"{record['method']} samples", unit="sample")
+    for b in todo:
+        idx = list(range(b, min(n, b + batch_size)))
+        ctx = [i % len(train_ex) for i in idx]                        # round-robin over the train fold
+        g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + b // batch_size)
+        with torch.no_grad():
+            rows = sample(backbone, prompt(z[ctx].to(device)), max_new_tokens, temperature=temperature,
+                          top_k=top_k, top_p=top_p, eos_id=tok.eos_id, generator=g)
+        records = [{"text": tok.decode(ids).strip(), "index": i, "context_id": train_ex[c].id,
+                    "context_text": train_ex[c].text,
+                    "method": record["method"], "n_tokens": len(ids), "finished": len(ids) < max_new_tokens,
+                    **settings} for i, c, ids in zip(idx, ctx, rows) if i not in done]
+        data.write_jsonl(out_path, records, append=True)
+        bar.update(len(records))
+    bar.close()
+    print(f"wrote {out_path}")
+    return out_path
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--ckpt", default="out/ss_mc", help="checkpoint folder written by train.py (default out/ss_mc)")
+    a("--n", type=int, default=100, help="number of samples to generate (default 100)")
+    a("--out", help="output JSONL (default <ckpt>/samples.jsonl); an existing file is completed, not redone")
+    a("--temperature", type=float, default=1.0, help="sampling temperature; the paper uses 1 for SoftSRV; 0 = greedy (default 1.0)")
+    a("--top-p", type=float, default=1.0, help="nucleus sampling: keep the smallest token set with this mass (default 1.0 = off)")
+    a("--top-k", type=int, default=0, help="keep only the k most likely tokens (default 0 = off)")
+    a("--batch-size", type=int, default=16, help="samples decoded together (default 16)")
+    a("--max-new-tokens", type=int, help="longest sample in tokens (default: the checkpoint's --max-tokens)")
+    a("--seed", type=int, default=0, help="sampling seed; batch b uses (seed, b) (default 0)")
+    a("--dtype", choices=["bf16", "fp32"], help="backbone precision (default: as trained)")
+    args = p.parse_args(argv)
+    if args.n < 1 or args.batch_size < 1:
+        p.error("--n and --batch-size must be at least 1")
+    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
+        p.error("need --temperature >= 0, 0 < --top-p <= 1, --top-k >= 0")
+    try:
+        generate(args.ckpt, args.n, args.out, args.temperature, args.top_p, args.top_k, args.batch_size,
+                 args.max_new_tokens, args.seed, args.dtype)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

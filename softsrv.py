@@ -1,0 +1,349 @@
+"""SoftSRV (DeSalvo et al., Sec. 2): a trained soft prompt P_θ(z) steers a frozen decoder H.
+
+- E: the context encoder, z = E(x) = mean of a small frozen LM's final hidden states over x's tokens.
+- P_θ: the SoftSRV embedding, one of three parameterizations, each `forward(z) -> [B, t, d]`:
+  SoftPromptNP (Eq. 1), SoftPromptMP (Eq. 2), SoftPromptMC (Eq. 3).
+- `softsrv_loss`: causal cross-entropy of x given P_θ(E(x)) as the ONLY prefix (the "reconstruction"
+  objective), counted on x's tokens and one end-of-sequence token. H stays frozen.
+- `sample`: prefill a batch of embedded prompts into the KV cache, then decode token by token.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from model import Transformer
+
+
+# ----------------------------------------------------------------------------------------------
+# E: the context encoder (Sec. 2, 3.3)
+
+class ContextEncoder:
+    """z = E(x): the mean of a frozen decoder's final hidden states over the real tokens of x.
+
+    Its d_e is the encoder's width (576 for the default model), far fewer numbers than x has, so
+    reconstructing x from z stays lossy: the prompt must learn the distribution, not copy x.
+    """
+
+    def __init__(self, model: Transformer, tokenizer, max_tokens: int = 256, batch_size: int = 16):
+        self.model, self.tokenizer = model, tokenizer
+        self.max_tokens, self.batch_size = max_tokens, batch_size
+
+    @property
+    def dim(self) -> int:
+        return self.model.cfg.d_model
+
+    @torch.no_grad()
+    def __call__(self, texts: list[str], progress: bool = False) -> torch.Tensor:
+        """texts -> z [N, d_e] in fp32."""
+        ids = [self.tokenizer.encode(t)[: self.max_tokens] or [self.tokenizer.eos_id] for t in texts]
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))   # similar lengths batch together
+        out = torch.empty(len(ids), self.dim)
+        dev = self.model.device
+        for s in tqdm(range(0, len(order), self.batch_size), desc="E(x) contexts", disable=not progress,
+                      leave=False):
+            rows = order[s:s + self.batch_size]
+            T = max(len(ids[i]) for i in rows)
+            batch = torch.full((len(rows), T), self.tokenizer.pad_id, dtype=torch.long)
+            mask = torch.zeros(len(rows), T, dtype=torch.bool)
+            for b, i in enumerate(rows):
+                batch[b, : len(ids[i])], mask[b, : len(ids[i])] = torch.tensor(ids[i]), True
+            batch, mask = batch.to(dev), mask.to(dev)
+            # Right padding needs no attention mask (causal); the mean just skips the pad rows.
+            h = self.model.hidden_states(self.model.embed(batch)).float()
+            m = mask[..., None].float()
+            out[rows] = ((h * m).sum(1) / m.sum(1)).cpu()
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# P_θ: the three parameterizations
+
+def sample_vocab_embeddings(backbone: Transformer, n: int, generator: torch.Generator) -> torch.Tensor:
+    """n rows of the backbone's token-embedding table, drawn at random (fp32, [n, d])."""
+    table = backbone.tok_emb.weight
+    idx = torch.randint(0, table.shape[0], (n,), generator=generator)
+    return table[idx.to(table.device)].detach().float().cpu()
+
+
+class SoftPrompt(nn.Module):
+    """What every P_θ shares: t soft tokens of width d, and the statistics that standardize z.
+
+    z is standardized per dimension with the training contexts' mean and std (kept as buffers, so
+    generation uses the same ones): raw mean-pooled hidden states have a few huge dimensions that
+    would otherwise swamp the first layer of W_φ or the MLPs.
+    """
+    kind = ""
+
+    def __init__(self, t: int, d: int, d_e: int):
+        super().__init__()
+        self.t, self.d, self.d_e = t, d, d_e
+        self.register_buffer("z_mean", torch.zeros(d_e))
+        self.register_buffer("z_std", torch.ones(d_e))
+
+    def set_context_stats(self, z: torch.Tensor):
+        self.z_mean.copy_(z.mean(0))
+        self.z_std.copy_(z.std(0).clamp(min=1e-6))
+
+    def standardize(self, z: torch.Tensor) -> torch.Tensor:
+        return (z.to(self.z_mean) - self.z_mean) / self.z_std
+
+
+class SoftPromptNP(SoftPrompt):
+    """SS_NP (Eq. 1): θ = P ∈ R^{t x d}; the context is ignored."""
+    kind = "np"
+
+    def __init__(self, t, d, d_e, init: torch.Tensor):
+        super().__init__(t, d, d_e)
+        self.P = nn.Parameter(init.clone())                                  # [t, d]
+
+    def forward(self, z):
+        return self.P.expand(z.shape[0], -1, -1)
+
+
+class SoftPromptMP(SoftPrompt):
+    """SS_MPk (Eq. 2): P_θ(z) = Σ_j w_j P_j with (w_1..w_k) = softmax(W_φ(z))."""
+    kind = "mp"
+
+    def __init__(self, t, d, d_e, init: torch.Tensor, k: int = 2):
+        super().__init__(t, d, d_e)
+        self.k = k
+        self.P = nn.Parameter(init.clone().view(k, t, d))                    # k basis embeddings
+        self.W_phi = nn.Linear(d_e, k)
+        nn.init.zeros_(self.W_phi.bias)
+        nn.init.normal_(self.W_phi.weight, std=d_e ** -0.5)
+
+    def forward(self, z):
+        w = F.softmax(self.W_phi(self.standardize(z)), dim=-1)               # [B, k]
+        return torch.einsum("bk,ktd->btd", w, self.P)
+
+
+class SoftPromptMC(SoftPrompt):
+    """SS_MC (Eq. 3): P_θ(z) = [F_φ1(z), ..., F_φt(z)], t separate 3-layer MLPs R^{d_e} -> R^d.
+
+    The t MLPs are stored as stacked weights ([t, in, out]) and run as one batched einsum, which is
+    the same as t separate nn.Sequential modules, just without a Python loop over soft tokens.
+    """
+    kind = "mc"
+
+    def __init__(self, t, d, d_e, init: torch.Tensor, hidden: int = 128, layers: int = 3):
+        super().__init__(t, d, d_e)
+        self.hidden, self.layers = hidden, layers
+        dims = [d_e] + [hidden] * (layers - 1) + [d]
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+            last = i == layers - 1
+            # The last layer starts tiny, with its bias at sampled vocabulary embeddings: at step 0
+            # every F_φi(z) sits on the token-embedding manifold H was trained on (prompts far from
+            # it are a known cause of prompt tuning that does not train), and z's influence grows
+            # as training finds it useful.
+            std = 0.02 * a ** -0.5 if last else a ** -0.5
+            self.weights.append(nn.Parameter(torch.randn(t, a, b) * std))
+            self.biases.append(nn.Parameter(init.clone() if last else torch.zeros(t, b)))
+
+    def forward(self, z):
+        h = self.standardize(z)[:, None, :].expand(-1, self.t, -1)            # [B, t, d_e]
+        for i, (W, b) in enumerate(zip(self.weights, self.biases)):
+            h = torch.einsum("bti,tio->bto", h, W) + b
+            if i < self.layers - 1:
+                h = F.gelu(h)
+        return h                                                              # [B, t, d]
+
+
+def build_soft_prompt(kind: str, backbone: Transformer, d_e: int, t: int, k: int = 2,
+                      hidden: int = 128, seed: int = 0) -> SoftPrompt:
+    """A fresh P_θ whose soft tokens start at sampled vocabulary embeddings of the backbone."""
+    g = torch.Generator().manual_seed(seed)
+    d = backbone.cfg.d_model
+    if kind == "np":
+        return SoftPromptNP(t, d, d_e, sample_vocab_embeddings(backbone, t, g))
+    if kind == "mp":
+        return SoftPromptMP(t, d, d_e, sample_vocab_embeddings(backbone, k * t, g), k=k)
+    if kind == "mc":
+        torch.manual_seed(seed)  # the MLP weights draw from the global generator
+        return SoftPromptMC(t, d, d_e, sample_vocab_embeddings(backbone, t, g), hidden=hidden)
+    raise ValueError(f"--param: unknown parameterization '{kind}' (np, mp, mc)")
+
+
+# ----------------------------------------------------------------------------------------------
+# The objective (Sec. 2): argmin_θ Σ_i ℓ(H(P_θ(E(x_i))), x_i)
+
+def pad_targets(token_lists: list[list[int]], eos_id: int, max_tokens: int, device) -> torch.Tensor:
+    """[B, L] ids of x followed by one EOS, right-padded with -100 (ignored by the loss)."""
+    rows = [ids[:max_tokens] + [eos_id] for ids in token_lists]
+    out = torch.full((len(rows), max(map(len, rows))), -100, dtype=torch.long)
+    for b, r in enumerate(rows):
+        out[b, : len(r)] = torch.tensor(r)
+    return out.to(device)
+
+
+def softsrv_loss(backbone: Transformer, prompts: torch.Tensor, targets: torch.Tensor,
+                 reduction: str = "mean") -> torch.Tensor:
+    """ℓ(H(P), x): next-token cross-entropy of x (and its EOS) with the soft prompt as the only prefix.
+
+    prompts [B, t, d] (any float dtype; cast to H's), targets [B, L] from `pad_targets`. The input
+    is [P; I(x_1..x_{L-1})]: the last soft token predicts x_1, x_j predicts x_{j+1}, x_L predicts
+    EOS. Right padding needs no attention mask, since no real token attends to the pads after it.
+    With reduction="sum" returns (summed loss, token count) for exact per-token averages.
+    """
+    t = prompts.shape[1]
+    text = backbone.embed(targets[:, :-1].clamp(min=0))
+    h = backbone.hidden_states(torch.cat([prompts.to(text.dtype), text], dim=1))
+    logits = backbone.logits(h[:, t - 1:]).float()                      # only where x is predicted
+    loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+    n = (targets != -100).sum()
+    return (loss, n) if reduction == "sum" else loss / n
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling from embedded prompts
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Set to -inf every logit outside the top-k and outside the top-p nucleus."""
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p    # keep the token that crosses top_p
+        logits = logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
+    return logits
+
+
+@torch.no_grad()
+def sample(model: Transformer, prefix_embeds: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+           top_k: int = 0, top_p: float = 1.0, eos_id: int | None = None,
+           generator: torch.Generator | None = None, attention_mask: torch.Tensor | None = None) -> list[list[int]]:
+    """x' ~ H(P): prefill the prompts [B, t, d] into a KV cache, then decode one token at a time.
+
+    The prompt is only embeddings (for SoftSRV, no text tokens at all). temperature 0 is greedy.
+    Each row stops at its own EOS (not included in its output). A left-padded batch of text
+    prompts passes attention_mask [B, t]. The generator must live on the model's device.
+    """
+    B, t, _ = prefix_embeds.shape
+    cache = model.new_cache(B, t + max_new_tokens)
+    logits = model.logits(model.hidden_states(prefix_embeds.to(model.dtype), attention_mask, cache)[:, -1])
+    out = torch.empty(B, max_new_tokens, dtype=torch.long, device=model.device)
+    done = torch.zeros(B, dtype=torch.bool, device=model.device)
+    n = 0
+    for n in range(1, max_new_tokens + 1):
+        logits = logits.float()
+        if temperature == 0:
+            tok = logits.argmax(-1)
+        else:
+            probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
+            tok = torch.multinomial(probs, 1, generator=generator)[:, 0]
+        out[:, n - 1] = tok
+        if eos_id is not None:
+            done |= tok == eos_id
+            if bool(done.all()):
+                break
+        if n < max_new_tokens:
+            logits = model.logits(model.hidden_states(model.embed(tok[:, None]), cache=cache)[:, -1])
+    rows = out[:, :n].tolist()
+    if eos_id is not None:
+        rows = [r[: r.index(eos_id)] if eos_id in r else r for r in rows]
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Context vectors, computed once per (encoder, dataset) and cached
+
+def context_vectors(encoder: ContextEncoder, encoder_name: str, texts: list[str], data_fp: str) -> torch.Tensor:
+    """z_i = E(x_i) for every text, read from the cache when this encoder already embedded this data."""
+    import hashlib
+    from safetensors.torch import load_file, save_file
+    from model import CACHE_DIR
+    key = hashlib.sha256(f"{encoder_name}|{encoder.max_tokens}|{encoder.model.dtype}|{data_fp}".encode()).hexdigest()[:20]
+    path = CACHE_DIR / "contexts" / f"{key}.safetensors"
+    if path.exists():
+        z = load_file(str(path))["z"]
+        if z.shape[0] == len(texts):
+            return z
+    z = encoder(texts, progress=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    save_file({"z": z.contiguous()}, str(tmp))
+    os.replace(tmp, path)
+    return z
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: θ (safetensors) + training state (safetensors) + everything else (JSON)
+
+CKPT_THETA, CKPT_STATE, CKPT_CONFIG = "theta.safetensors", "train_state.safetensors", "config.json"
+
+
+def _atomic_write(path: Path, write):
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    write(tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(out_dir, prompt: SoftPrompt, config: dict, step: int,
+                    optimizer: torch.optim.Optimizer | None = None):
+    """Write θ, the optimizer state, then the JSON last; each file atomically. All three carry the
+    step, so a crash between two renames is detected on load instead of resuming a torn state."""
+    from safetensors.torch import save_file
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"step": str(step)}
+    theta = {k: v.detach().contiguous().cpu() for k, v in prompt.state_dict().items()}
+    _atomic_write(out / CKPT_THETA, lambda p: save_file(theta, str(p), metadata=meta))
+    opt_groups = None
+    if optimizer is not None:
+        sd = optimizer.state_dict()
+        state = {f"{i}.{k}": v.contiguous().cpu() for i, s in sd["state"].items() for k, v in s.items()}
+        _atomic_write(out / CKPT_STATE, lambda p: save_file(state, str(p), metadata=meta))
+        opt_groups = sd["param_groups"]
+    record = {**config, "step": step, "optimizer_param_groups": opt_groups,
+              "soft_prompt": {"kind": prompt.kind, "t": prompt.t, "d": prompt.d, "d_e": prompt.d_e,
+                              "k": getattr(prompt, "k", None), "hidden": getattr(prompt, "hidden", None)}}
+    _atomic_write(out / CKPT_CONFIG, lambda p: p.write_text(json.dumps(record, indent=2)))
+
+
+def _check_step(path: Path, step: int):
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        if int(f.metadata().get("step", -1)) != step:
+            raise ValueError(f"{path}: written at another step than {CKPT_CONFIG} (interrupted save); "
+                             f"delete the folder or train again")
+
+
+def load_checkpoint(ckpt_dir) -> tuple[SoftPrompt, dict]:
+    """Rebuild P_θ from a checkpoint folder; returns it (fp32, on the CPU) and the JSON record."""
+    from safetensors.torch import load_file
+    ckpt = Path(ckpt_dir)
+    if not (ckpt / CKPT_CONFIG).exists():
+        raise ValueError(f"{ckpt}: not a SoftSRV checkpoint (no {CKPT_CONFIG}; train one with train.py --out {ckpt})")
+    record = json.loads((ckpt / CKPT_CONFIG).read_text())
+    sp = record["soft_prompt"]
+    zeros = torch.zeros(sp["t"] * (sp["k"] or 1), sp["d"])
+    cls = {"np": SoftPromptNP, "mp": SoftPromptMP, "mc": SoftPromptMC}[sp["kind"]]
+    kw = {"mp": {"k": sp["k"]}, "mc": {"hidden": sp["hidden"]}}.get(sp["kind"], {})
+    prompt = cls(sp["t"], sp["d"], sp["d_e"], zeros, **kw)
+    _check_step(ckpt / CKPT_THETA, record["step"])
+    prompt.load_state_dict(load_file(str(ckpt / CKPT_THETA)))
+    return prompt, record
+
+
+def load_optimizer_state(ckpt_dir, optimizer: torch.optim.Optimizer, record: dict):
+    """Restore the optimizer state saved beside θ (for --resume)."""
+    from safetensors.torch import load_file
+    path = Path(ckpt_dir) / CKPT_STATE
+    _check_step(path, record["step"])
+    state: dict = {}
+    for key, v in load_file(str(path)).items():
+        i, name = key.split(".", 1)
+        state.setdefault(int(i), {})[name] = v
+    optimizer.load_state_dict({"state": state, "param_groups": record["optimizer_param_groups"]})

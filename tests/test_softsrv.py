@@ -1,0 +1,274 @@
+"""SoftSRV on a tiny random backbone: the parameterizations, the loss, sampling, train.py and
+generate.py end to end."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import data
+from model import load_model, load_tokenizer
+from softsrv import (ContextEncoder, build_soft_prompt, filter_logits, load_checkpoint, pad_targets, sample,
+                     softsrv_loss)
+
+TEXTS = [
+    "Tom has 3 apples and buys 5 more. How many apples does he have?",
+    "A train travels 60 miles in 2 hours. What is its average speed?",
+    "Sara reads 12 pages a day. How many pages does she read in a week?",
+    "A box holds 24 pencils. How many boxes are needed for 100 pencils?",
+    "Ben earns $15 an hour and works 8 hours. How much does he earn?",
+    "There are 30 students and 6 groups. How many students are in each group?",
+    "A shirt costs $20 and is 25% off. What is the sale price?",
+    "Mia runs 3 km every morning. How far does she run in 10 days?",
+    "Each pizza has 8 slices. How many slices are in 7 pizzas?",
+    "A farmer has 40 cows and sells a quarter of them. How many are left?",
+    "Jake saves $4 a week. How many weeks until he has $52?",
+    "A rope is 18 meters long and cut into 3 equal parts. How long is each part?",
+]
+
+
+@pytest.fixture(scope="module")
+def backbone(tiny_backbone):
+    return load_model(tiny_backbone), load_tokenizer(tiny_backbone)
+
+
+@pytest.fixture(scope="module")
+def z(backbone):
+    model, tok = backbone
+    return ContextEncoder(model, tok)(TEXTS)
+
+
+@pytest.mark.parametrize("kind", ["np", "mp", "mc"])
+def test_shapes(kind, backbone, z):
+    model, _ = backbone
+    prompt = build_soft_prompt(kind, model, z.shape[1], t=5, k=3)
+    prompt.set_context_stats(z)
+    assert prompt(z[:4]).shape == (4, 5, model.cfg.d_model)
+
+
+def test_context_encoder_masks_padding(backbone):
+    """z of a text must not depend on the other (longer) texts in its batch."""
+    model, tok = backbone
+    enc = ContextEncoder(model, tok, batch_size=4)
+    alone = enc([TEXTS[0]])
+    batched = enc([TEXTS[0], TEXTS[1] * 3, TEXTS[2]])
+    assert torch.allclose(alone[0], batched[0], atol=1e-5)
+    ids = torch.tensor([tok.encode(TEXTS[0])])
+    assert torch.allclose(alone[0], model.hidden_states(model.embed(ids))[0].mean(0), atol=1e-5)
+
+
+def test_contexts_change_contextual_prompts_only(backbone, z):
+    model, _ = backbone
+    for kind, contextual in [("np", False), ("mp", True), ("mc", True)]:
+        prompt = build_soft_prompt(kind, model, z.shape[1], t=4)
+        prompt.set_context_stats(z)
+        p = prompt(z[:2])
+        assert torch.allclose(p[0], p[1]) != contextual, kind
+
+
+@pytest.mark.parametrize("kind", ["np", "mp", "mc"])
+def test_gradients_reach_theta_and_nothing_else(kind, backbone, z):
+    model, tok = backbone
+    prompt = build_soft_prompt(kind, model, z.shape[1], t=4)
+    prompt.set_context_stats(z)
+    targets = pad_targets([tok.encode(t) for t in TEXTS[:3]], tok.eos_id, 64, "cpu")
+    softsrv_loss(model, prompt(z[:3]), targets).backward()
+    for name, p in prompt.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert all(not p.requires_grad and p.grad is None for p in model.parameters())
+    assert all(b.grad is None for b in prompt.buffers())
+
+
+def test_loss_is_cross_entropy_of_x_and_eos_after_the_prompt(backbone):
+    model, tok = backbone
+    P = torch.randn(2, 3, model.cfg.d_model)
+    ids = [tok.encode(TEXTS[0]), tok.encode(TEXTS[1])[:5]]
+    got = softsrv_loss(model, P, pad_targets(ids, tok.eos_id, 64, "cpu"))
+    total, count = 0.0, 0
+    for b, x in enumerate(ids):
+        seq = torch.tensor(x + [tok.eos_id])
+        logits = model(torch.cat([P[b], model.embed(seq[:-1])])[None])[0]
+        total += F.cross_entropy(logits[2:], seq, reduction="sum")   # last soft token predicts x_1
+        count += len(seq)
+    assert torch.allclose(got, total / count, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["np", "mc"])
+def test_loss_falls_on_a_tiny_dataset(kind, backbone, z):
+    model, tok = backbone
+    torch.manual_seed(0)
+    prompt = build_soft_prompt(kind, model, z.shape[1], t=4)
+    prompt.set_context_stats(z)
+    opt = torch.optim.Adam(prompt.parameters(), lr=1e-2)
+    targets = pad_targets([tok.encode(t) for t in TEXTS], tok.eos_id, 64, "cpu")
+    losses = []
+    for _ in range(25):
+        loss = softsrv_loss(model, prompt(z), targets)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.5, losses
+
+
+# --- sampling ----------------------------------------------------------------------------------
+
+def uncached_sample(model, prefix, n, temperature, generator):
+    """Reference: recompute the whole sequence for every new token."""
+    seq, out = prefix, []
+    for _ in range(n):
+        logits = model(seq)[:, -1].float()
+        tok = torch.multinomial((logits / temperature).softmax(-1), 1, generator=generator)[:, 0]
+        out.append(tok)
+        seq = torch.cat([seq, model.embed(tok[:, None])], 1)
+    return torch.stack(out, 1).tolist()
+
+
+def test_cached_sampling_equals_uncached(backbone):
+    model, _ = backbone
+    P = torch.randn(3, 4, model.cfg.d_model) * 0.05
+    cached = sample(model, P, 12, temperature=0.8, generator=torch.Generator().manual_seed(5))
+    uncached = uncached_sample(model, P, 12, 0.8, torch.Generator().manual_seed(5))
+    assert cached == uncached
+
+
+def test_sampling_is_deterministic_with_a_seed(backbone):
+    model, _ = backbone
+    P = torch.randn(4, 4, model.cfg.d_model) * 0.05
+    run = lambda s: sample(model, P, 10, generator=torch.Generator().manual_seed(s))
+    assert run(1) == run(1)
+    assert run(1) != run(2)
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy(backbone):
+    model, _ = backbone
+    P = torch.randn(2, 4, model.cfg.d_model) * 0.05
+    greedy = sample(model, P, 8, temperature=0)
+    assert sample(model, P, 8, top_k=1, generator=torch.Generator().manual_seed(0)) == greedy
+    assert sample(model, P, 8, top_p=1e-6, generator=torch.Generator().manual_seed(0)) == greedy
+
+
+def test_filter_logits():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0]])
+    assert torch.isinf(filter_logits(logits, top_k=2)).tolist() == [[True, False, False, True]]
+    probs = logits.softmax(-1)[0]          # 0.64, 0.24, 0.09, 0.03 in sorted order
+    kept = ~torch.isinf(filter_logits(logits, top_p=0.8))
+    assert kept.tolist() == [[False, True, True, False]] and probs[1] < 0.8 < probs[1] + probs[2]
+
+
+def test_each_row_stops_at_its_own_eos(backbone):
+    model, _ = backbone
+    P = torch.randn(2, 4, model.cfg.d_model) * 0.05
+    free = sample(model, P, 10, temperature=0)
+    # make the 4th greedy token of row 0 the "EOS": row 0 must stop there, row 1 where it first meets it
+    eos = free[0][3]
+    stopped = sample(model, P, 10, temperature=0, eos_id=eos)
+    for row, full in zip(stopped, free):
+        assert row == (full[: full.index(eos)] if eos in full else full)
+    assert len(stopped[0]) <= 3
+
+
+# --- train.py and generate.py ------------------------------------------------------------------
+
+@pytest.fixture
+def tiny_data(tmp_path):
+    path = tmp_path / "questions.jsonl"
+    data.write_jsonl(path, [{"question": t} for t in TEXTS])
+    return path
+
+
+def tiny_config(tiny_backbone, tiny_data, out, **kw):
+    from train import TrainConfig
+    base = dict(param="mc", prompt_len=4, hidden=16, steps=6, lr=1e-2, warmup=2, batch_size=4, max_tokens=32,
+                data=str(tiny_data), field="question", n_heldout=4, model=str(tiny_backbone),
+                embed_model=str(tiny_backbone), out=str(out), eval_every=3, dtype="fp32")
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("param", ["np", "mp", "mc"])
+def test_resumed_training_is_bit_identical(param, tiny_backbone, tiny_data, tmp_path, monkeypatch):
+    import train as train_module
+    train_module.train(tiny_config(tiny_backbone, tiny_data, tmp_path / "a", param=param), show_samples=0)
+
+    real_save = train_module.save_checkpoint
+    def save_then_die(out, prompt, record, step, opt):   # the process is killed right after step 3's save
+        real_save(out, prompt, record, step, opt)
+        if step == 3:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train_module.train(tiny_config(tiny_backbone, tiny_data, tmp_path / "b", param=param), show_samples=0)
+    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+    assert load_checkpoint(tmp_path / "b")[1]["step"] == 3
+    train_module.train(tiny_config(tiny_backbone, tiny_data, tmp_path / "b", param=param), resume=True,
+                       show_samples=0)
+
+    a, rec_a = load_checkpoint(tmp_path / "a")
+    b, rec_b = load_checkpoint(tmp_path / "b")
+    assert rec_a["step"] == rec_b["step"] == 6
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name
+    assert rec_a["history"] == rec_b["history"]
+
+
+def test_resume_refuses_other_settings(tiny_backbone, tiny_data, tmp_path):
+    from train import train
+    train(tiny_config(tiny_backbone, tiny_data, tmp_path / "a", steps=2), show_samples=0)
+    with pytest.raises(ValueError, match="different settings.*lr"):
+        train(tiny_config(tiny_backbone, tiny_data, tmp_path / "a", steps=4, lr=0.5), resume=True, show_samples=0)
+
+
+def test_training_lowers_heldout_loss_and_writes_a_checkpoint(tiny_backbone, tmp_path):
+    """A random backbone cannot generalize to unseen text, so here every held-out text also has a
+    twin in the training part: the held-out loss must then fall."""
+    from train import train
+    tiny_data = tmp_path / "twice.jsonl"
+    data.write_jsonl(tiny_data, [{"question": t} for t in TEXTS * 2])
+    result = train(tiny_config(tiny_backbone, tiny_data, tmp_path / "ck", param="np", steps=12, eval_every=6),
+                   show_samples=1)
+    losses = [h["heldout_loss"] for h in result["history"]]
+    assert [h["step"] for h in result["history"]] == [0, 6, 12]
+    assert losses[-1] < losses[0]
+    files = sorted(p.name for p in (tmp_path / "ck").iterdir())
+    assert files == ["config.json", "theta.safetensors", "train_state.safetensors"]
+    rec = json.loads((tmp_path / "ck" / "config.json").read_text())
+    for key in ("backbone", "encoder", "data_fingerprint", "step", "soft_prompt", "config"):
+        assert key in rec
+    assert rec["soft_prompt"]["kind"] == "np" and rec["soft_prompt"]["t"] == 4
+
+
+def test_generate_writes_jsonl_and_completes_an_interrupted_file(tiny_backbone, tiny_data, tmp_path):
+    from generate import generate
+    from train import train
+    train(tiny_config(tiny_backbone, tiny_data, tmp_path / "ck", steps=2), show_samples=0)
+    full = generate(str(tmp_path / "ck"), n=11, out=str(tmp_path / "full.jsonl"), batch_size=4, max_new_tokens=8)
+    rows = data.read_jsonl(full)
+    assert [r["index"] for r in rows] == list(range(11))
+    n_train = json.loads((tmp_path / "ck" / "config.json").read_text())["n_train"]
+    assert [r["context_id"] for r in rows[:n_train + 1]][-1] == rows[0]["context_id"]    # round-robin
+    assert {"text", "context_id", "method", "seed"} <= set(rows[0]) and rows[0]["method"] == "SS_MC"
+
+    # an interruption: the last batch lost, the one before it cut mid-line
+    part = tmp_path / "part.jsonl"
+    lines = full.read_text().splitlines(keepends=True)
+    part.write_text("".join(lines[:6]) + lines[6][:10])
+    generate(str(tmp_path / "ck"), n=11, out=str(part), batch_size=4, max_new_tokens=8)
+    assert data.read_jsonl(part) == rows
+    generate(str(tmp_path / "ck"), n=11, out=str(part), batch_size=4, max_new_tokens=8)   # nothing to do
+    assert data.read_jsonl(part) == rows
+    with pytest.raises(ValueError, match="other settings"):
+        generate(str(tmp_path / "ck"), n=11, out=str(part), batch_size=4, max_new_tokens=8, temperature=0.5)
+
+
+def test_cli_mistakes_are_one_line(tmp_path):
+    import subprocess
+    import sys
+    from conftest import ROOT
+    out = subprocess.run([sys.executable, str(ROOT / "generate.py"), "--ckpt", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert out.stderr.strip().splitlines() == [f"error: {tmp_path}: not a SoftSRV checkpoint "
+                                               f"(no config.json; train one with train.py --out {tmp_path})"]
+    out = subprocess.run([sys.executable, str(ROOT / "train.py"), "--data", "nonesuch"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and out.stderr.strip().splitlines()[-1].startswith("error: unknown dataset 'nonesuch'")
