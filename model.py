@@ -155,6 +155,11 @@ class KVCache:
     def max_len(self) -> int:
         return self.k.shape[3]
 
+    def keep_rows(self, keep: torch.Tensor):
+        """Drop the rows where `keep` is False (finished samples stop costing compute)."""
+        self.k, self.v = self.k[:, keep], self.v[:, keep]
+        self.mask, self.next_pos = self.mask[keep], self.next_pos[keep]
+
 
 # ----------------------------------------------------------------------------------------------
 # Modules

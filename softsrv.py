@@ -116,8 +116,8 @@ class SoftPromptMP(SoftPrompt):
         self.k = k
         self.P = nn.Parameter(init.clone().view(k, t, d))                    # k basis embeddings
         self.W_phi = nn.Linear(d_e, k)
+        nn.init.zeros_(self.W_phi.weight)      # uniform weights until the data says otherwise
         nn.init.zeros_(self.W_phi.bias)
-        nn.init.normal_(self.W_phi.weight, std=d_e ** -0.5)
 
     def forward(self, z):
         w = F.softmax(self.W_phi(self.standardize(z)), dim=-1)               # [B, k]
@@ -165,7 +165,13 @@ def build_soft_prompt(kind: str, backbone: Transformer, d_e: int, t: int, k: int
     if kind == "np":
         return SoftPromptNP(t, d, d_e, sample_vocab_embeddings(backbone, t, g))
     if kind == "mp":
-        return SoftPromptMP(t, d, d_e, sample_vocab_embeddings(backbone, k * t, g), k=k)
+        # The k bases start at the same sampled embeddings plus a little noise, and W_φ at zero:
+        # P_θ(z) starts as (almost) NP's prompt for every z, on the embedding manifold (a mix of
+        # k different random embeddings would sit between tokens), and the routing is learned
+        # from the data, since W_φ's gradient, w_j <∂ℓ/∂P, P_j - P̄>, tells which basis fits x.
+        base = sample_vocab_embeddings(backbone, t, g)
+        init = base.repeat(k, 1) + 0.1 * base.std() * torch.randn(k * t, d, generator=g)
+        return SoftPromptMP(t, d, d_e, init, k=k)
     if kind == "mc":
         torch.manual_seed(seed)  # the MLP weights draw from the global generator
         return SoftPromptMC(t, d, d_e, sample_vocab_embeddings(backbone, t, g), hidden=hidden)
@@ -225,33 +231,36 @@ def sample(model: Transformer, prefix_embeds: torch.Tensor, max_new_tokens: int,
     """x' ~ H(P): prefill the prompts [B, t, d] into a KV cache, then decode one token at a time.
 
     The prompt is only embeddings (for SoftSRV, no text tokens at all). temperature 0 is greedy.
-    Each row stops at its own EOS (not included in its output). A left-padded batch of text
-    prompts passes attention_mask [B, t]. The generator must live on the model's device.
+    Each row stops at its own EOS (not included in its output) and leaves the batch, so finished
+    rows cost nothing. A left-padded batch of text prompts passes attention_mask [B, t]. The
+    generator must live on the model's device.
     """
     B, t, _ = prefix_embeds.shape
     cache = model.new_cache(B, t + max_new_tokens)
     logits = model.logits(model.hidden_states(prefix_embeds.to(model.dtype), attention_mask, cache)[:, -1])
-    out = torch.empty(B, max_new_tokens, dtype=torch.long, device=model.device)
-    done = torch.zeros(B, dtype=torch.bool, device=model.device)
-    n = 0
-    for n in range(1, max_new_tokens + 1):
+    out = [[] for _ in range(B)]
+    alive = list(range(B))                       # batch row -> sample it belongs to
+    for n in range(max_new_tokens):
         logits = logits.float()
         if temperature == 0:
             tok = logits.argmax(-1)
         else:
             probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
             tok = torch.multinomial(probs, 1, generator=generator)[:, 0]
-        out[:, n - 1] = tok
-        if eos_id is not None:
-            done |= tok == eos_id
-            if bool(done.all()):
+        ended = tok == eos_id if eos_id is not None else torch.zeros_like(tok, dtype=torch.bool)
+        for i, tk, end in zip(alive, tok.tolist(), ended.tolist()):
+            if not end:
+                out[i].append(tk)
+        if bool(ended.any()):
+            keep = ~ended
+            alive = [i for i, k in zip(alive, keep.tolist()) if k]
+            if not alive:
                 break
-        if n < max_new_tokens:
+            cache.keep_rows(keep)
+            tok = tok[keep]
+        if n + 1 < max_new_tokens:
             logits = model.logits(model.hidden_states(model.embed(tok[:, None]), cache=cache)[:, -1])
-    rows = out[:, :n].tolist()
-    if eos_id is not None:
-        rows = [r[: r.index(eos_id)] if eos_id in r else r for r in rows]
-    return rows
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

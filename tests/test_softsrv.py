@@ -62,6 +62,10 @@ def test_contexts_change_contextual_prompts_only(backbone, z):
     for kind, contextual in [("np", False), ("mp", True), ("mc", True)]:
         prompt = build_soft_prompt(kind, model, z.shape[1], t=4)
         prompt.set_context_stats(z)
+        if kind == "mp":   # W_φ starts at zero (the same mix for all z); give it weights as training does
+            assert torch.allclose(prompt(z[:1]), prompt(z[1:2]))
+            with torch.no_grad():
+                prompt.W_phi.weight.normal_()
         p = prompt(z[:2])
         assert torch.allclose(p[0], p[1]) != contextual, kind
 
