@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -16,9 +17,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from model import Transformer
+from model import CACHE_DIR, Transformer
 
 
 # ----------------------------------------------------------------------------------------------
@@ -268,9 +271,6 @@ def sample(model: Transformer, prefix_embeds: torch.Tensor, max_new_tokens: int,
 
 def context_vectors(encoder: ContextEncoder, encoder_name: str, texts: list[str], data_fp: str) -> torch.Tensor:
     """z_i = E(x_i) for every text, read from the cache when this encoder already embedded this data."""
-    import hashlib
-    from safetensors.torch import load_file, save_file
-    from model import CACHE_DIR
     key = hashlib.sha256(f"{encoder_name}|{encoder.max_tokens}|{encoder.model.dtype}|{data_fp}".encode()).hexdigest()[:20]
     path = CACHE_DIR / "contexts" / f"{key}.safetensors"
     if path.exists():
@@ -303,7 +303,6 @@ def save_checkpoint(out_dir, prompt: SoftPrompt, config: dict, step: int,
                     optimizer: torch.optim.Optimizer | None = None):
     """Write θ, the optimizer state, then the JSON last; each file atomically. All three carry the
     step, so a crash between two renames is detected on load instead of resuming a torn state."""
-    from safetensors.torch import save_file
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"step": str(step)}
@@ -322,7 +321,6 @@ def save_checkpoint(out_dir, prompt: SoftPrompt, config: dict, step: int,
 
 
 def _check_step(path: Path, step: int):
-    from safetensors import safe_open
     with safe_open(str(path), "pt") as f:
         if int(f.metadata().get("step", -1)) != step:
             raise ValueError(f"{path}: written at another step than {CKPT_CONFIG} (interrupted save); "
@@ -331,7 +329,6 @@ def _check_step(path: Path, step: int):
 
 def load_checkpoint(ckpt_dir) -> tuple[SoftPrompt, dict]:
     """Rebuild P_θ from a checkpoint folder; returns it (fp32, on the CPU) and the JSON record."""
-    from safetensors.torch import load_file
     ckpt = Path(ckpt_dir)
     if not (ckpt / CKPT_CONFIG).exists():
         raise ValueError(f"{ckpt}: not a SoftSRV checkpoint (no {CKPT_CONFIG}; train one with train.py --out {ckpt})")
@@ -348,7 +345,6 @@ def load_checkpoint(ckpt_dir) -> tuple[SoftPrompt, dict]:
 
 def load_optimizer_state(ckpt_dir, optimizer: torch.optim.Optimizer, record: dict):
     """Restore the optimizer state saved beside θ (for --resume)."""
-    from safetensors.torch import load_file
     path = Path(ckpt_dir) / CKPT_STATE
     _check_step(path, record["step"])
     state: dict = {}

@@ -14,14 +14,15 @@ import math
 import sys
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 import data
 from model import DEFAULT_MODEL, load_model, load_tokenizer
-from softsrv import (ContextEncoder, build_soft_prompt, context_vectors, load_checkpoint, load_optimizer_state,
-                     pad_targets, sample, save_checkpoint, softsrv_loss)
+from softsrv import (CKPT_CONFIG, ContextEncoder, build_soft_prompt, context_vectors, load_checkpoint,
+                     load_optimizer_state, pad_targets, sample, save_checkpoint, softsrv_loss)
 
 # Paper (Sec. 3.3, SPEC §4): t = 128, 20K steps, Adam, lr 5e-6, MC 3x128 MLPs, MP k = 2. The paper
 # does not give the batch size; 16 is assumed. The cpu preset changes, and why:
@@ -135,24 +136,28 @@ def train(cfg: TrainConfig, resume: bool = False, show_samples: int = 3) -> dict
     record = {"config": asdict(cfg), "backbone": cfg.model, "encoder": cfg.embed_model,
               "data_fingerprint": data.fingerprint(train_ex), "n_train": len(train_ex),
               "n_heldout": len(held_ex), "method": f"SS_{cfg.param.upper()}" + (str(cfg.k) if cfg.param == "mp" else "")}
-    prompt = build_soft_prompt(cfg.param, backbone, encoder.dim, cfg.prompt_len, k=cfg.k, hidden=cfg.hidden,
-                               seed=cfg.seed).to(device)
-    prompt.set_context_stats(z_train.to(device))
-    opt = torch.optim.Adam(prompt.parameters(), lr=cfg.lr)
     start, history = 0, []
     if resume:
         prompt, saved = load_checkpoint(cfg.out)
-        prompt.to(device)
-        opt = torch.optim.Adam(prompt.parameters(), lr=cfg.lr)
-        load_optimizer_state(cfg.out, opt, saved)
         # Only the length of the run (and how often it reports) may change when resuming.
         diff = [k for k in record["config"] if k not in ("steps", "eval_every")
                 and saved["config"].get(k) != record["config"][k]]
         if diff or saved["data_fingerprint"] != record["data_fingerprint"]:
             raise ValueError(f"--resume {cfg.out}: the checkpoint was trained with different settings "
                              f"({', '.join(diff) or 'data'}); rerun with the same options")
+        prompt.to(device)
+        opt = torch.optim.Adam(prompt.parameters(), lr=cfg.lr)
+        load_optimizer_state(cfg.out, opt, saved)
         start, history = saved["step"], saved.get("history", [])
         print(f"resuming {cfg.out} at step {start}/{cfg.steps}")
+    else:
+        if (Path(cfg.out) / CKPT_CONFIG).exists():
+            raise ValueError(f"--out {cfg.out} already holds a checkpoint; continue it with --resume, "
+                             f"or choose another --out")
+        prompt = build_soft_prompt(cfg.param, backbone, encoder.dim, cfg.prompt_len, k=cfg.k, hidden=cfg.hidden,
+                                   seed=cfg.seed).to(device)
+        prompt.set_context_stats(z_train.to(device))
+        opt = torch.optim.Adam(prompt.parameters(), lr=cfg.lr)
     n_params = sum(p.numel() for p in prompt.parameters())
     print(f"{record['method']}: t={cfg.prompt_len}, {n_params:,} trainable parameters; backbone {cfg.model} "
           f"({sum(p.numel() for p in backbone.parameters()):,} frozen); {len(train_ex)} train / "

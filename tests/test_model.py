@@ -84,6 +84,17 @@ def test_llama_gqa_untied_head_parity(tmp_path):
     assert model.cfg.n_kv_head == 2 and model.lm_head is not None and model.cfg.rope_theta == 500000.0
 
 
+def test_sharded_checkpoint(tmp_path):
+    from transformers import LlamaForCausalLM
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(tiny_llama_config())
+    folder = tmp_path / "sharded"
+    hf.save_pretrained(folder, safe_serialization=True, max_shard_size="100KB")
+    assert (folder / "model.safetensors.index.json").exists() and not (folder / "model.safetensors").exists()
+    assert len(list(folder.glob("model-*.safetensors"))) > 1
+    check_parity(hf, folder, 320)
+
+
 def test_rope_theta_top_level_or_in_rope_parameters(tmp_path):
     from transformers import LlamaForCausalLM
     torch.manual_seed(0)

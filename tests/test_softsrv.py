@@ -220,6 +220,8 @@ def test_resume_refuses_other_settings(tiny_backbone, tiny_data, tmp_path):
     train(tiny_config(tiny_backbone, tiny_data, tmp_path / "a", steps=2), show_samples=0)
     with pytest.raises(ValueError, match="different settings.*lr"):
         train(tiny_config(tiny_backbone, tiny_data, tmp_path / "a", steps=4, lr=0.5), resume=True, show_samples=0)
+    with pytest.raises(ValueError, match="already holds a checkpoint; continue it with --resume"):
+        train(tiny_config(tiny_backbone, tiny_data, tmp_path / "a", steps=2), show_samples=0)
 
 
 def test_training_lowers_heldout_loss_and_writes_a_checkpoint(tiny_backbone, tmp_path):
