@@ -115,6 +115,13 @@ def dtype_of(name: str) -> torch.dtype:
 
 
 def train(cfg: TrainConfig, resume: bool = False, show_samples: int = 3) -> dict:
+    # Refuse a wrong --out / --resume before paying for the model and the contexts.
+    has_ckpt = (Path(cfg.out) / CKPT_CONFIG).exists()
+    if resume and not has_ckpt:
+        raise ValueError(f"--resume: {cfg.out} holds no checkpoint to continue")
+    if not resume and has_ckpt:
+        raise ValueError(f"--out {cfg.out} already holds a checkpoint; continue it with --resume, "
+                         f"or choose another --out")
     torch.manual_seed(cfg.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     train_ex, held_ex = load_training_data(cfg)
@@ -151,9 +158,6 @@ def train(cfg: TrainConfig, resume: bool = False, show_samples: int = 3) -> dict
         start, history = saved["step"], saved.get("history", [])
         print(f"resuming {cfg.out} at step {start}/{cfg.steps}")
     else:
-        if (Path(cfg.out) / CKPT_CONFIG).exists():
-            raise ValueError(f"--out {cfg.out} already holds a checkpoint; continue it with --resume, "
-                             f"or choose another --out")
         prompt = build_soft_prompt(cfg.param, backbone, encoder.dim, cfg.prompt_len, k=cfg.k, hidden=cfg.hidden,
                                    seed=cfg.seed).to(device)
         prompt.set_context_stats(z_train.to(device))

@@ -222,6 +222,8 @@ def test_resume_refuses_other_settings(tiny_backbone, tiny_data, tmp_path):
         train(tiny_config(tiny_backbone, tiny_data, tmp_path / "a", steps=4, lr=0.5), resume=True, show_samples=0)
     with pytest.raises(ValueError, match="already holds a checkpoint; continue it with --resume"):
         train(tiny_config(tiny_backbone, tiny_data, tmp_path / "a", steps=2), show_samples=0)
+    with pytest.raises(ValueError, match="holds no checkpoint to continue"):
+        train(tiny_config(tiny_backbone, tiny_data, tmp_path / "empty", steps=2), resume=True, show_samples=0)
 
 
 def test_training_lowers_heldout_loss_and_writes_a_checkpoint(tiny_backbone, tmp_path):
@@ -275,6 +277,6 @@ def test_cli_mistakes_are_one_line(tmp_path):
     assert out.returncode != 0
     assert out.stderr.strip().splitlines() == [f"error: {tmp_path}: not a SoftSRV checkpoint "
                                                f"(no config.json; train one with train.py --out {tmp_path})"]
-    out = subprocess.run([sys.executable, str(ROOT / "train.py"), "--data", "nonesuch"],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, str(ROOT / "train.py"), "--data", "nonesuch", "--out", str(tmp_path / "o")],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert out.returncode != 0 and out.stderr.strip().splitlines()[-1].startswith("error: unknown dataset 'nonesuch'")
