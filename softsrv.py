@@ -90,7 +90,8 @@ class SoftPrompt(nn.Module):
         self.register_buffer("z_mean", torch.zeros(d_e))
         self.register_buffer("z_std", torch.ones(d_e))
 
-    def set_context_stats(self, z: torch.Tensor):
+    def init_from_contexts(self, z: torch.Tensor, seed: int = 0):
+        """Data-dependent initialization from the training contexts z [n, d_e] (before step 0)."""
         self.z_mean.copy_(z.mean(0))
         self.z_std.copy_(z.std(0).clamp(min=1e-6))
 
@@ -111,20 +112,58 @@ class SoftPromptNP(SoftPrompt):
 
 
 class SoftPromptMP(SoftPrompt):
-    """SS_MPk (Eq. 2): P_θ(z) = Σ_j w_j P_j with (w_1..w_k) = softmax(W_φ(z))."""
+    """SS_MPk (Eq. 2): P_θ(z) = Σ_j w_j P_j with (w_1..w_k) = softmax(W_φ(z)).
+
+    The bases are stored as their mean and their deviations from it, P_j = P̄ + D_j - mean_i D_i,
+    so P_θ(z) = P̄ + Σ_j w_j (D_j - mean_i D_i). Same functions as Eq. 2, different optimization:
+    with D = 0 it is NP exactly; Adam gives P̄ the whole batch's gradient, as NP's P gets, at the
+    same rate, and the deviations only what the k modes want differently (what they all want
+    cancels out of them). Stored as k free bases, every basis learns what all examples share from
+    1/k of them. (The README compares the variants tried.)
+    """
     kind = "mp"
 
     def __init__(self, t, d, d_e, init: torch.Tensor, k: int = 2):
         super().__init__(t, d, d_e)
         self.k = k
-        self.P = nn.Parameter(init.clone().view(k, t, d))                    # k basis embeddings
+        self.P_bar = nn.Parameter(init.clone())                              # [t, d], mean of the bases
+        self.D = nn.Parameter(torch.zeros(k, t, d))                          # deviations (centered in use)
         self.W_phi = nn.Linear(d_e, k)
-        nn.init.zeros_(self.W_phi.weight)      # uniform weights until the data says otherwise
+        nn.init.zeros_(self.W_phi.weight)      # replaced by the k-means routing of init_from_contexts
         nn.init.zeros_(self.W_phi.bias)
+
+    def deviations(self) -> torch.Tensor:
+        return self.D - self.D.mean(0)
+
+    @property
+    def P(self) -> torch.Tensor:
+        """The k basis embeddings P_1..P_k of Eq. 2, [k, t, d]."""
+        return self.P_bar + self.deviations()
+
+    def init_from_contexts(self, z: torch.Tensor, seed: int = 0):
+        """Start W_φ as a soft k-means assignment of the standardized contexts (the k "modes" of Sec. 2.2).
+
+        Why: the bases start equal (D = 0), so with a uniform mix every D_j gets the same gradient,
+        Adam moves them identically and MPk stays NP. Routing by cluster from step 0 gives each D_j
+        the gradient of its own mode. softmax_j(-|x - c_j|^2 / τ) is linear in x up to a term shared
+        by all j: W_j = 2 c_j / τ, b_j = -|c_j|^2 / τ. τ makes the median gap between the nearest
+        and the second-nearest cluster 2 nats (about 0.88 / 0.12 for k = 2): routed, yet still soft.
+        """
+        super().init_from_contexts(z, seed)
+        if len(z) < self.k:
+            raise ValueError(f"--k {self.k}: needs at least {self.k} training examples, got {len(z)}")
+        from sklearn.cluster import KMeans
+        x = self.standardize(z).double().cpu()
+        c = torch.from_numpy(KMeans(self.k, n_init=10, random_state=seed).fit(x.numpy()).cluster_centers_)
+        d2 = torch.cdist(x, c).pow(2).sort(dim=1).values                   # [n, k] ascending
+        tau = ((d2[:, 1] - d2[:, 0]).median() / 2).clamp(min=1e-6)
+        with torch.no_grad():
+            self.W_phi.weight.copy_(2 * c / tau)
+            self.W_phi.bias.copy_(-c.pow(2).sum(1) / tau)
 
     def forward(self, z):
         w = F.softmax(self.W_phi(self.standardize(z)), dim=-1)               # [B, k]
-        return torch.einsum("bk,ktd->btd", w, self.P)
+        return self.P_bar + torch.einsum("bk,ktd->btd", w, self.deviations())
 
 
 class SoftPromptMC(SoftPrompt):
@@ -168,13 +207,9 @@ def build_soft_prompt(kind: str, backbone: Transformer, d_e: int, t: int, k: int
     if kind == "np":
         return SoftPromptNP(t, d, d_e, sample_vocab_embeddings(backbone, t, g))
     if kind == "mp":
-        # The k bases start at the same sampled embeddings plus a little noise, and W_φ at zero:
-        # P_θ(z) starts as (almost) NP's prompt for every z, on the embedding manifold (a mix of
-        # k different random embeddings would sit between tokens), and the routing is learned
-        # from the data, since W_φ's gradient, w_j <∂ℓ/∂P, P_j - P̄>, tells which basis fits x.
-        base = sample_vocab_embeddings(backbone, t, g)
-        init = base.repeat(k, 1) + 0.1 * base.std() * torch.randn(k * t, d, generator=g)
-        return SoftPromptMP(t, d, d_e, init, k=k)
+        # P̄ starts where NP's P does and every D_j at zero: P_θ(z) starts as NP's prompt
+        # for every z, on the embedding manifold, and the context can only be added by training.
+        return SoftPromptMP(t, d, d_e, sample_vocab_embeddings(backbone, t, g), k=k)
     if kind == "mc":
         torch.manual_seed(seed)  # the MLP weights draw from the global generator
         return SoftPromptMC(t, d, d_e, sample_vocab_embeddings(backbone, t, g), hidden=hidden)
@@ -334,12 +369,16 @@ def load_checkpoint(ckpt_dir) -> tuple[SoftPrompt, dict]:
         raise ValueError(f"{ckpt}: not a SoftSRV checkpoint (no {CKPT_CONFIG}; train one with train.py --out {ckpt})")
     record = json.loads((ckpt / CKPT_CONFIG).read_text())
     sp = record["soft_prompt"]
-    zeros = torch.zeros(sp["t"] * (sp["k"] or 1), sp["d"])
+    zeros = torch.zeros(sp["t"], sp["d"])
     cls = {"np": SoftPromptNP, "mp": SoftPromptMP, "mc": SoftPromptMC}[sp["kind"]]
     kw = {"mp": {"k": sp["k"]}, "mc": {"hidden": sp["hidden"]}}.get(sp["kind"], {})
     prompt = cls(sp["t"], sp["d"], sp["d_e"], zeros, **kw)
     _check_step(ckpt / CKPT_THETA, record["step"])
-    prompt.load_state_dict(load_file(str(ckpt / CKPT_THETA)))
+    try:
+        prompt.load_state_dict(load_file(str(ckpt / CKPT_THETA)))
+    except RuntimeError as e:   # e.g. a checkpoint of an older SS_MP layout
+        raise ValueError(f"{ckpt / CKPT_THETA}: does not match {sp['kind'].upper()} with t={sp['t']} "
+                         f"({str(e).splitlines()[1].strip()}); train it again") from None
     return prompt, record
 
 

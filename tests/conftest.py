@@ -14,6 +14,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _context_cache(tmp_path_factory):
+    """The tests' context vectors go to a temporary folder, not the user's cache."""
+    import softsrv
+    softsrv.CACHE_DIR = tmp_path_factory.mktemp("cache")
+
+
 def save_hf(model, folder: Path) -> Path:
     model.save_pretrained(folder, safe_serialization=True)
     return folder

@@ -42,7 +42,7 @@ def z(backbone):
 def test_shapes(kind, backbone, z):
     model, _ = backbone
     prompt = build_soft_prompt(kind, model, z.shape[1], t=5, k=3)
-    prompt.set_context_stats(z)
+    prompt.init_from_contexts(z)
     assert prompt(z[:4]).shape == (4, 5, model.cfg.d_model)
 
 
@@ -61,11 +61,10 @@ def test_contexts_change_contextual_prompts_only(backbone, z):
     model, _ = backbone
     for kind, contextual in [("np", False), ("mp", True), ("mc", True)]:
         prompt = build_soft_prompt(kind, model, z.shape[1], t=4)
-        prompt.set_context_stats(z)
-        if kind == "mp":   # W_φ starts at zero (the same mix for all z); give it weights as training does
-            assert torch.allclose(prompt(z[:1]), prompt(z[1:2]))
+        prompt.init_from_contexts(z)
+        if kind == "mp":   # the bases start equal (MP starts as NP); give them distinct values as training does
             with torch.no_grad():
-                prompt.W_phi.weight.normal_()
+                prompt.D.normal_()
         p = prompt(z[:2])
         assert torch.allclose(p[0], p[1]) != contextual, kind
 
@@ -74,8 +73,13 @@ def test_contexts_change_contextual_prompts_only(backbone, z):
 def test_gradients_reach_theta_and_nothing_else(kind, backbone, z):
     model, tok = backbone
     prompt = build_soft_prompt(kind, model, z.shape[1], t=4)
-    prompt.set_context_stats(z)
+    prompt.init_from_contexts(z)
     targets = pad_targets([tok.encode(t) for t in TEXTS[:3]], tok.eos_id, 64, "cpu")
+    # one step first: at step 0 MP's bases are equal, so W_φ has no gradient yet
+    opt = torch.optim.Adam(prompt.parameters(), lr=1e-2)
+    softsrv_loss(model, prompt(z[:3]), targets).backward()
+    opt.step()
+    opt.zero_grad()
     softsrv_loss(model, prompt(z[:3]), targets).backward()
     for name, p in prompt.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
@@ -97,12 +101,54 @@ def test_loss_is_cross_entropy_of_x_and_eos_after_the_prompt(backbone):
     assert torch.allclose(got, total / count, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["np", "mc"])
+def test_mp_routing_starts_as_soft_kmeans(backbone, z):
+    """W_φ starts as the k-means clustering of the standardized contexts, soft but decisive."""
+    from sklearn.cluster import KMeans
+    model, _ = backbone
+    prompt = build_soft_prompt("mp", model, z.shape[1], t=4, k=3)
+    prompt.init_from_contexts(z, seed=0)
+    w = torch.softmax(prompt.W_phi(prompt.standardize(z)), dim=-1)
+    labels = KMeans(3, n_init=10, random_state=0).fit(prompt.standardize(z).double().numpy()).labels_
+    assert torch.equal(w.argmax(1), torch.from_numpy(labels).long())
+    top2 = w.log().sort(dim=1, descending=True).values
+    assert torch.allclose((top2[:, 0] - top2[:, 1]).median(), torch.tensor(2.0), atol=1e-3)
+
+
+def test_mp_starts_as_np_and_bases_specialize(backbone, z):
+    """MPk starts as NP's prompt for every z; routed from step 0, its k bases then get different
+    gradients and move apart (with a uniform mix they would get identical Adam updates and MPk
+    would stay NP)."""
+    model, tok = backbone
+    np_prompt = build_soft_prompt("np", model, z.shape[1], t=4, seed=3)
+    prompt = build_soft_prompt("mp", model, z.shape[1], t=4, k=2, seed=3)
+    prompt.init_from_contexts(z)
+    assert torch.equal(prompt(z), np_prompt(z))
+    opt = torch.optim.Adam(prompt.parameters(), lr=1e-2)
+    targets = pad_targets([tok.encode(t) for t in TEXTS], tok.eos_id, 64, "cpu")
+    for _ in range(10):
+        loss = softsrv_loss(model, prompt(z), targets)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    P = prompt.P.detach()
+    assert (P[0] - P[1]).norm() > 0.3 * (P - prompt.P_bar.detach()).norm(dim=(1, 2)).max()
+    p = prompt(z).detach()
+    assert not torch.allclose(p[0], p[1])
+
+
+def test_mp_needs_k_examples(backbone, z):
+    model, _ = backbone
+    prompt = build_soft_prompt("mp", model, z.shape[1], t=4, k=3)
+    with pytest.raises(ValueError, match="--k 3"):
+        prompt.init_from_contexts(z[:2])
+
+
+@pytest.mark.parametrize("kind", ["np", "mp", "mc"])
 def test_loss_falls_on_a_tiny_dataset(kind, backbone, z):
     model, tok = backbone
     torch.manual_seed(0)
     prompt = build_soft_prompt(kind, model, z.shape[1], t=4)
-    prompt.set_context_stats(z)
+    prompt.init_from_contexts(z)
     opt = torch.optim.Adam(prompt.parameters(), lr=1e-2)
     targets = pad_targets([tok.encode(t) for t in TEXTS], tok.eos_id, 64, "cpu")
     losses = []
@@ -280,3 +326,15 @@ def test_cli_mistakes_are_one_line(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "train.py"), "--data", "nonesuch", "--out", str(tmp_path / "o")],
                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert out.returncode != 0 and out.stderr.strip().splitlines()[-1].startswith("error: unknown dataset 'nonesuch'")
+
+
+def test_checkpoint_of_another_layout_is_a_one_line_error(backbone, z, tmp_path):
+    from softsrv import save_checkpoint
+    model, _ = backbone
+    prompt = build_soft_prompt("np", model, z.shape[1], t=4)
+    save_checkpoint(tmp_path, prompt, {}, step=1)
+    rec = json.loads((tmp_path / "config.json").read_text())
+    rec["soft_prompt"].update(kind="mp", k=2)          # e.g. θ saved by an older SS_MP layout
+    (tmp_path / "config.json").write_text(json.dumps(rec))
+    with pytest.raises(ValueError, match="does not match MP with t=4 .*Missing key"):
+        load_checkpoint(tmp_path)
