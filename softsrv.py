@@ -285,15 +285,16 @@ def sample(model: Transformer, prefix_embeds: torch.Tensor, max_new_tokens: int,
         else:
             probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
             tok = torch.multinomial(probs, 1, generator=generator)[:, 0]
-        ended = tok == eos_id if eos_id is not None else torch.zeros_like(tok, dtype=torch.bool)
-        for i, tk, end in zip(alive, tok.tolist(), ended.tolist()):
+        toks = tok.tolist()                          # the step's one device -> host sync
+        ended = [tk == eos_id for tk in toks]
+        for i, tk, end in zip(alive, toks, ended):
             if not end:
                 out[i].append(tk)
-        if bool(ended.any()):
-            keep = ~ended
-            alive = [i for i, k in zip(alive, keep.tolist()) if k]
+        if any(ended):
+            alive = [i for i, end in zip(alive, ended) if not end]
             if not alive:
                 break
+            keep = torch.tensor([not end for end in ended], device=tok.device)
             cache.keep_rows(keep)
             tok = tok[keep]
         if n + 1 < max_new_tokens:
