@@ -136,6 +136,37 @@ def test_mp_starts_as_np_and_bases_specialize(backbone, z):
     assert not torch.allclose(p[0], p[1])
 
 
+@pytest.mark.parametrize("kind", ["np", "mp", "mc"])
+def test_only_mp_deviations_are_decayed(kind, backbone, z):
+    """--mp-decay reaches SS_MP's deviations D and nothing else (NP and MC train with plain Adam)."""
+    model, _ = backbone
+    prompt = build_soft_prompt(kind, model, z.shape[1], t=4)
+    groups = prompt.param_groups(3.0)
+    in_groups = [p for g in groups for p in g["params"]]
+    assert len(in_groups) == len(list(prompt.parameters()))
+    assert {id(p) for p in in_groups} == {id(p) for p in prompt.parameters()}
+    decayed = [p for g in groups if g["weight_decay"] for p in g["params"]]
+    assert [id(p) for p in decayed] == ([id(prompt.D)] if kind == "mp" else [])
+
+
+def test_mp_decay_pulls_the_bases_together(backbone, z):
+    """Same init, same batches: with the decay the k bases end closer together, yet still apart."""
+    model, tok = backbone
+    targets = pad_targets([tok.encode(t) for t in TEXTS], tok.eos_id, 64, "cpu")
+    spread = {}
+    for decay in (0.0, 10.0):
+        prompt = build_soft_prompt("mp", model, z.shape[1], t=4, k=2, seed=3)
+        prompt.init_from_contexts(z)
+        opt = torch.optim.AdamW(prompt.param_groups(decay), lr=1e-2)
+        for _ in range(10):
+            loss = softsrv_loss(model, prompt(z), targets)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        spread[decay] = prompt.deviations().norm().item()
+    assert 0 < spread[10.0] < 0.8 * spread[0.0], spread
+
+
 def test_mp_needs_k_examples(backbone, z):
     model, _ = backbone
     prompt = build_soft_prompt("mp", model, z.shape[1], t=4, k=3)
@@ -326,6 +357,16 @@ def test_cli_mistakes_are_one_line(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "train.py"), "--data", "nonesuch", "--out", str(tmp_path / "o")],
                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert out.returncode != 0 and out.stderr.strip().splitlines()[-1].startswith("error: unknown dataset 'nonesuch'")
+
+
+def test_mp_decay_follows_the_preset_and_is_checked(capsys):
+    from train import parse_args
+    assert parse_args(["--param", "mp"])[0].mp_decay == 3.0
+    assert parse_args(["--param", "mp", "--preset", "paper"])[0].mp_decay == 0.0    # Eq. 2 as published
+    assert parse_args(["--param", "mp", "--mp-decay", "1"])[0].mp_decay == 1.0
+    with pytest.raises(SystemExit):
+        parse_args(["--mp-decay", "-1"])
+    assert "--mp-decay must be at least 0" in capsys.readouterr().err
 
 
 def test_checkpoint_of_another_layout_is_a_one_line_error(backbone, z, tmp_path):
