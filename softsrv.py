@@ -403,4 +403,7 @@ def load_optimizer_state(ckpt_dir, optimizer: torch.optim.Optimizer, record: dic
     for key, v in load_file(str(path)).items():
         i, name = key.split(".", 1)
         state.setdefault(int(i), {})[name] = v
-    optimizer.load_state_dict({"state": state, "param_groups": record["optimizer_param_groups"]})
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": record["optimizer_param_groups"]})
+    except ValueError as e:     # e.g. an SS_MP checkpoint from before its deviations had their own group
+        raise ValueError(f"{path}: optimizer state does not fit this run ({e}); train it again") from None

@@ -155,9 +155,11 @@ def train(cfg: TrainConfig, resume: bool = False, show_samples: int = 3) -> dict
     start, history = 0, []
     if resume:
         prompt, saved = load_checkpoint(cfg.out)
-        # Only the length of the run (and how often it reports) may change when resuming.
-        diff = [k for k in record["config"] if k not in ("steps", "eval_every")
-                and saved["config"].get(k) != record["config"][k]]
+        # Only the length of the run, how often it reports and where it lives may change when
+        # resuming. An option newer than the checkpoint counts as its default (what it trained with).
+        defaults = asdict(TrainConfig())
+        diff = [k for k in record["config"] if k not in ("steps", "eval_every", "out")
+                and saved["config"].get(k, defaults[k]) != record["config"][k]]
         if diff or saved["data_fingerprint"] != record["data_fingerprint"]:
             raise ValueError(f"--resume {cfg.out}: the checkpoint was trained with different settings "
                              f"({', '.join(diff) or 'data'}); rerun with the same options")
@@ -266,6 +268,8 @@ def parse_args(argv=None) -> tuple[TrainConfig, bool]:
             p.error(f"--{f.replace('_', '-')} must be at least 1")
     if cfg.mp_decay < 0:
         p.error("--mp-decay must be at least 0")
+    if cfg.param != "mp":
+        cfg.mp_decay = 0.0      # nothing of NP's or MC's θ is decayed; recorded as such
     return cfg, args.resume
 
 

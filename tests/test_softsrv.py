@@ -269,7 +269,8 @@ def tiny_config(tiny_backbone, tiny_data, out, **kw):
 @pytest.mark.parametrize("param", ["np", "mp", "mc"])
 def test_resumed_training_is_bit_identical(param, tiny_backbone, tiny_data, tmp_path, monkeypatch):
     import train as train_module
-    train_module.train(tiny_config(tiny_backbone, tiny_data, tmp_path / "a", param=param), show_samples=0)
+    kw = dict(param=param, mp_decay=3.0)          # MP's decayed parameter group must resume too
+    train_module.train(tiny_config(tiny_backbone, tiny_data, tmp_path / "a", **kw), show_samples=0)
 
     real_save = train_module.save_checkpoint
     def save_then_die(out, prompt, record, step, opt):   # the process is killed right after step 3's save
@@ -278,10 +279,10 @@ def test_resumed_training_is_bit_identical(param, tiny_backbone, tiny_data, tmp_
             raise KeyboardInterrupt
     monkeypatch.setattr(train_module, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        train_module.train(tiny_config(tiny_backbone, tiny_data, tmp_path / "b", param=param), show_samples=0)
+        train_module.train(tiny_config(tiny_backbone, tiny_data, tmp_path / "b", **kw), show_samples=0)
     monkeypatch.setattr(train_module, "save_checkpoint", real_save)
     assert load_checkpoint(tmp_path / "b")[1]["step"] == 3
-    train_module.train(tiny_config(tiny_backbone, tiny_data, tmp_path / "b", param=param), resume=True,
+    train_module.train(tiny_config(tiny_backbone, tiny_data, tmp_path / "b", **kw), resume=True,
                        show_samples=0)
 
     a, rec_a = load_checkpoint(tmp_path / "a")
@@ -297,8 +298,19 @@ def test_resume_refuses_other_settings(tiny_backbone, tiny_data, tmp_path):
     train(tiny_config(tiny_backbone, tiny_data, tmp_path / "a", steps=2), show_samples=0)
     with pytest.raises(ValueError, match="different settings.*lr"):
         train(tiny_config(tiny_backbone, tiny_data, tmp_path / "a", steps=4, lr=0.5), resume=True, show_samples=0)
+    # a checkpoint written before an option existed resumes with that option's default
+    cfg_file = tmp_path / "a" / "config.json"
+    rec = json.loads(cfg_file.read_text())
+    del rec["config"]["mp_decay"]
+    cfg_file.write_text(json.dumps(rec))
+    train(tiny_config(tiny_backbone, tiny_data, tmp_path / "a", steps=3), resume=True, show_samples=0)
+    assert load_checkpoint(tmp_path / "a")[1]["step"] == 3
+    import shutil                                       # a moved checkpoint folder still resumes
+    shutil.copytree(tmp_path / "a", tmp_path / "moved")
+    train(tiny_config(tiny_backbone, tiny_data, tmp_path / "moved", steps=4), resume=True, show_samples=0)
+    assert load_checkpoint(tmp_path / "moved")[1]["step"] == 4
     with pytest.raises(ValueError, match="already holds a checkpoint; continue it with --resume"):
-        train(tiny_config(tiny_backbone, tiny_data, tmp_path / "a", steps=2), show_samples=0)
+        train(tiny_config(tiny_backbone, tiny_data, tmp_path / "a", steps=3), show_samples=0)
     with pytest.raises(ValueError, match="holds no checkpoint to continue"):
         train(tiny_config(tiny_backbone, tiny_data, tmp_path / "empty", steps=2), resume=True, show_samples=0)
 
@@ -364,6 +376,7 @@ def test_mp_decay_follows_the_preset_and_is_checked(capsys):
     assert parse_args(["--param", "mp"])[0].mp_decay == 3.0
     assert parse_args(["--param", "mp", "--preset", "paper"])[0].mp_decay == 0.0    # Eq. 2 as published
     assert parse_args(["--param", "mp", "--mp-decay", "1"])[0].mp_decay == 1.0
+    assert parse_args(["--param", "np"])[0].mp_decay == 0.0          # only MP has deviations to decay
     with pytest.raises(SystemExit):
         parse_args(["--mp-decay", "-1"])
     assert "--mp-decay must be at least 0" in capsys.readouterr().err
