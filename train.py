@@ -236,8 +236,8 @@ def parse_args(argv=None) -> tuple[TrainConfig, bool]:
     a("--warmup", type=int, help="linear warm-up steps before the cosine decay (cpu 10, paper 0)")
     a("--batch-size", type=int, help="examples per step (cpu 8, paper 16)")
     a("--mp-decay", type=float,
-      help="SS_MP: AdamW weight decay on the bases' deviations from their mean, pulling the k bases "
-           "together unless the data keeps them apart (cpu 3.0, best of 0/1/3 on seed 0; paper 0 = plain Eq. 2)")
+      help="SS_MP: AdamW weight decay on the bases' deviations from their mean, pulling the k bases together "
+           "unless the data keeps them apart (cpu 3.0, best of 0/1/3 on seed 0; paper 0 = Eq. 2 as published)")
     a("--max-tokens", type=int, help="cut each example to this many tokens (cpu 128, paper 512)")
     a("--data", default="gsm8k",
       help=f"registered dataset ({', '.join(data.DATASETS)}) or a .jsonl/.json/.txt file. Default: gsm8k "

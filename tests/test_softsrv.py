@@ -38,6 +38,18 @@ def z(backbone):
     return ContextEncoder(model, tok)(TEXTS)
 
 
+def fit(model, prompt, z, targets, opt, steps) -> list[float]:
+    """`steps` full-batch optimizer steps on (z, targets); the loss before each step."""
+    losses = []
+    for _ in range(steps):
+        loss = softsrv_loss(model, prompt(z), targets)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 @pytest.mark.parametrize("kind", ["np", "mp", "mc"])
 def test_shapes(kind, backbone, z):
     model, _ = backbone
@@ -125,11 +137,7 @@ def test_mp_starts_as_np_and_bases_specialize(backbone, z):
     assert torch.equal(prompt(z), np_prompt(z))
     opt = torch.optim.Adam(prompt.parameters(), lr=1e-2)
     targets = pad_targets([tok.encode(t) for t in TEXTS], tok.eos_id, 64, "cpu")
-    for _ in range(10):
-        loss = softsrv_loss(model, prompt(z), targets)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    fit(model, prompt, z, targets, opt, 10)
     P = prompt.P.detach()
     assert (P[0] - P[1]).norm() > 0.3 * (P - prompt.P_bar.detach()).norm(dim=(1, 2)).max()
     p = prompt(z).detach()
@@ -158,11 +166,7 @@ def test_mp_decay_pulls_the_bases_together(backbone, z):
         prompt = build_soft_prompt("mp", model, z.shape[1], t=4, k=2, seed=3)
         prompt.init_from_contexts(z)
         opt = torch.optim.AdamW(prompt.param_groups(decay), lr=1e-2)
-        for _ in range(10):
-            loss = softsrv_loss(model, prompt(z), targets)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        fit(model, prompt, z, targets, opt, 10)
         spread[decay] = prompt.deviations().norm().item()
     assert 0 < spread[10.0] < 0.8 * spread[0.0], spread
 
@@ -182,13 +186,7 @@ def test_loss_falls_on_a_tiny_dataset(kind, backbone, z):
     prompt.init_from_contexts(z)
     opt = torch.optim.Adam(prompt.parameters(), lr=1e-2)
     targets = pad_targets([tok.encode(t) for t in TEXTS], tok.eos_id, 64, "cpu")
-    losses = []
-    for _ in range(25):
-        loss = softsrv_loss(model, prompt(z), targets)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = fit(model, prompt, z, targets, opt, 25)
     assert losses[-1] < losses[0] - 0.5, losses
 
 
