@@ -240,6 +240,7 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
+        self.source_dir: Path | None = None     # the folder load_model read (save_model copies its files)
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.arch == "gpt2" else None
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
@@ -268,12 +269,14 @@ class Transformer(nn.Module):
         return F.linear(hidden.reshape(-1, hidden.shape[-1]), w).view(*hidden.shape[:-1], -1)
 
     def hidden_states(self, embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                      cache: KVCache | None = None) -> torch.Tensor:
+                      cache: KVCache | None = None, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
         """H without its head: embeddings [B, T, d] -> final (normed) hidden states [B, T, d].
 
         attention_mask [B, T] (True = real token) marks padding in this block. Without a cache,
         right padding needs no mask at all: causal attention never lets a real token see the pad
         tokens after it. Left padding (and any padding with a cache) needs the mask.
+        segment_ids [B, T] packs several sequences into one row (fine-tuning): each contiguous run
+        of equal ids is its own sequence, attending only to itself, with positions from 0.
         """
         B, T, _ = embeds.shape
         dev = embeds.device
@@ -282,6 +285,13 @@ class Transformer(nn.Module):
         # Position ids count real tokens only, so a left-padded row starts at position 0.
         first = cache.next_pos[:, None] if cache is not None else 0
         pos = (first + valid.long().cumsum(1) - 1).clamp(min=0)
+        if segment_ids is not None:
+            if cache is not None:
+                raise ValueError("segment_ids (packed sequences) cannot be used with a KV cache")
+            t = torch.arange(T, device=dev).expand(B, T)
+            starts = torch.ones(B, T, dtype=torch.bool, device=dev)
+            starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+            pos = t - torch.where(starts, t, 0).cummax(1).values        # restart at each segment
         if cache is not None and start + T > cache.max_len:
             raise ValueError(f"KV cache holds {cache.max_len} slots; {start + T} needed")
         if self.pos_emb is not None and int(pos.max()) >= self.cfg.max_seq_len:
@@ -294,6 +304,9 @@ class Transformer(nn.Module):
             cache.padded = cache.padded or not bool(valid.all())
             if cache.padded or (start > 0 and T > 1):
                 attn_mask = self._mask(cache.mask[:, :start + T], start, T)
+        elif segment_ids is not None:
+            same = segment_ids[:, :, None] == segment_ids[:, None, :]
+            attn_mask = (same & torch.ones(T, T, dtype=torch.bool, device=dev).tril())[:, None]
         elif attention_mask is not None and not bool(valid.all()):
             attn_mask = self._mask(valid, 0, T)
 
@@ -322,9 +335,10 @@ class Transformer(nn.Module):
         return (allowed | (k_idx == q_idx)[None])[:, None]
 
     def forward(self, embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                cache: KVCache | None = None, return_hidden: bool = False):
+                cache: KVCache | None = None, return_hidden: bool = False,
+                segment_ids: torch.Tensor | None = None):
         """H: embeddings [B, T, d] -> logits [B, T, V] (and the final hidden states if asked)."""
-        h = self.hidden_states(embeds, attention_mask, cache)
+        h = self.hidden_states(embeds, attention_mask, cache, segment_ids)
         return (self.logits(h), h) if return_hidden else self.logits(h)
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
@@ -435,6 +449,58 @@ def build_model(cfg: ModelConfig, hf_state: dict[str, torch.Tensor], where: str,
     if cfg.arch == "llama":  # a non-persistent buffer: rebuild it off the meta device
         model.inv_freq = rope_inv_freq(cfg)
     return model.to(device).eval().requires_grad_(False)
+
+
+def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
+    """The inverse of convert_hf_state: our weights under their Hugging Face names and layouts."""
+    cfg, ours = model.cfg, model.state_dict()
+    out: dict[str, list] = {}
+    for name, (hf, *part) in hf_names(cfg).items():
+        t = ours[name].detach().cpu().contiguous()
+        if part:                                   # GPT-2's fused qkv: collect the three thirds
+            out.setdefault(hf, [None] * 3)[part[0]] = t
+        else:
+            out[hf] = [t]
+    state = {}
+    for hf, parts in out.items():
+        t = torch.cat(parts, dim=0) if len(parts) == 3 else parts[0]
+        if cfg.arch == "gpt2" and hf.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
+            t = t.t()
+        state[hf] = t.contiguous()
+    return state
+
+
+def save_model(model: Transformer, folder: str | os.PathLike, metadata: dict | None = None) -> Path:
+    """Write `model` as a Hugging Face-layout folder (config.json + model.safetensors + the tokenizer
+    files of the folder it was loaded from), atomically: load_model and transformers read it back."""
+    from safetensors.torch import save_file
+    if model.source_dir is None:
+        raise ValueError("save_model: the model was not loaded with load_model (no source folder)")
+    out = Path(folder)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
+    try:
+        hf_cfg = json.loads((model.source_dir / "config.json").read_text())
+        hf_cfg["torch_dtype"] = str(model.dtype).removeprefix("torch.")
+        save_file(hf_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
+        for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                  "merges.txt", "chat_template.jinja", "generation_config.json"):
+            if (model.source_dir / f).exists():
+                shutil.copy(model.source_dir / f, tmp / f)
+        if metadata:
+            (tmp / "softsrv.json").write_text(json.dumps(metadata, indent=2))
+        tmp.chmod(0o755)
+        if out.exists():                           # replace a previous save of the same folder
+            old = out.with_name(f".{out.name}.old{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -573,7 +639,7 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype=torch.floa
         raise ModelError(f"{folder / 'config.json'}: not valid JSON ({e})") from None
     cfg = ModelConfig.from_hf(hf_cfg, where=str(folder / "config.json"))
     model = build_model(cfg, _read_safetensors(folder), where=str(folder), dtype=dtype, device=device)
-    model.name = str(name_or_path)
+    model.name, model.source_dir = str(name_or_path), folder
     return model
 
 

@@ -225,6 +225,46 @@ def test_cache_overflow_is_an_error(llama):
         model(model.embed(torch.zeros(1, 5, dtype=torch.long)), cache=cache)
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_packed_segments_equal_separate_sequences(family, llama, tmp_path):
+    """segment_ids: three sequences packed into one row give each the logits it gets alone."""
+    model = llama[1] if family == "llama" else load_model(gpt2(tmp_path)[1])
+    g = torch.Generator().manual_seed(5)
+    seqs = [torch.randint(0, 300, (n,), generator=g) for n in (4, 7, 3)]
+    ids = torch.cat(seqs)[None]
+    seg = torch.cat([torch.full((len(s),), i) for i, s in enumerate(seqs)])[None]
+    with torch.no_grad():
+        packed = model(model.embed(ids), segment_ids=seg)[0]
+    at = 0
+    for s in seqs:
+        alone = our_logits(model, s[None])[0]
+        assert (packed[at:at + len(s)] - alone).abs().max().item() < TOL
+        at += len(s)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_save_model_round_trip(family, llama, tmp_path):
+    """save_model writes a Hugging Face folder that our loader and transformers both read back."""
+    from transformers import AutoModelForCausalLM
+    from model import save_model
+    if family == "llama":
+        src = save_hf(llama[0], tmp_path / "src")
+    else:
+        src = gpt2(tmp_path)[1]
+    model = load_model(src)
+    with torch.no_grad():
+        for p in model.parameters():               # change the weights, as fine-tuning would
+            p.add_(0.01 * torch.randn_like(p))
+    out = save_model(model, tmp_path / "saved", metadata={"step": 3})
+    ids = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(6))
+    want = our_logits(model, ids)
+    assert (our_logits(load_model(out), ids) - want).abs().max().item() < TOL
+    assert (hf_logits(AutoModelForCausalLM.from_pretrained(out).eval(), ids) - want).abs().max().item() < TOL
+    assert json.loads((out / "softsrv.json").read_text()) == {"step": 3}
+    save_model(model, out)                         # saving over a folder replaces it whole
+    assert not (out / "softsrv.json").exists()
+
+
 # --- user mistakes: one clear line -------------------------------------------------------------
 
 def test_unknown_architecture(tmp_path):
