@@ -356,16 +356,20 @@ def save_checkpoint(out_dir, prompt: SoftPrompt, config: dict, step: int,
     meta = {"step": str(step)}
     theta = {k: v.detach().contiguous().cpu() for k, v in prompt.state_dict().items()}
     _atomic_write(out / CKPT_THETA, lambda p: save_file(theta, str(p), metadata=meta))
-    opt_groups = None
-    if optimizer is not None:
-        sd = optimizer.state_dict()
-        state = {f"{i}.{k}": v.contiguous().cpu() for i, s in sd["state"].items() for k, v in s.items()}
-        _atomic_write(out / CKPT_STATE, lambda p: save_file(state, str(p), metadata=meta))
-        opt_groups = sd["param_groups"]
+    opt_groups = save_optimizer_state(out, optimizer, step) if optimizer is not None else None
     record = {**config, "step": step, "optimizer_param_groups": opt_groups,
               "soft_prompt": {"kind": prompt.kind, "t": prompt.t, "d": prompt.d, "d_e": prompt.d_e,
                               "k": getattr(prompt, "k", None), "hidden": getattr(prompt, "hidden", None)}}
     _atomic_write(out / CKPT_CONFIG, lambda p: p.write_text(json.dumps(record, indent=2)))
+
+
+def save_optimizer_state(out_dir, optimizer: torch.optim.Optimizer, step: int) -> list[dict]:
+    """The optimizer's tensors as safetensors (tagged with the step); returns its param_groups,
+    which go into the checkpoint's JSON (load_optimizer_state reads both)."""
+    sd = optimizer.state_dict()
+    state = {f"{i}.{k}": v.contiguous().cpu() for i, s in sd["state"].items() for k, v in s.items()}
+    _atomic_write(Path(out_dir) / CKPT_STATE, lambda p: save_file(state, str(p), metadata={"step": str(step)}))
+    return sd["param_groups"]
 
 
 def _check_step(path: Path, step: int):
