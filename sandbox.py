@@ -304,7 +304,7 @@ def run_tests(code: str, tests: list[str] | str, timeout_s: float = 10.0, setup:
     detail): passed = it ran to its end and exited 0 within the limits; detail = "passed" or the
     reason it did not ("timeout after 10.0s", "AssertionError (line 7: assert f(2) == 4)", ...)."""
     tests = tests if isinstance(tests, str) else "\n".join(tests)
-    program = f"{setup}\n{code}\n{tests}\n"
+    program = "\n".join(part.rstrip("\n") for part in (setup, code, tests) if part.strip()) + "\n"
     with _uid_slot() as uid:
         work = tempfile.mkdtemp(prefix="softsrv-sandbox-")
         try:
