@@ -48,6 +48,7 @@ import fcntl
 import json
 import math
 import os
+import pwd
 import re
 import selectors
 import shutil
@@ -62,6 +63,7 @@ from contextlib import contextmanager
 from tqdm import tqdm
 
 UID_BASE, UID_SLOTS = 60000, 256     # sandbox uids: no passwd entry needed, below nobody (65534)
+LOCK_DIR = "/run/softsrv-sandbox" if os.path.isdir("/run") else "/tmp/softsrv-sandbox-uids"
 MEMORY_MB, NPROC, FSIZE_MB, NOFILE, WORKDIR_MB = 512, 16, 16, 64, 64
 OUTPUT_CAP = 64 * 1024               # bytes of stdout + stderr kept; more kills the run
 WRITABLE_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
@@ -90,6 +92,9 @@ libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes
 def mount(src, dst, fs, flags, data):
     return libc.mount(src and src.encode(), dst.encode(), fs and fs.encode(), flags, data and data.encode()) == 0
 uid, work = cfg["uid"], cfg["work"]
+libc.prctl(1, signal.SIGKILL, 0, 0, 0)   # PR_SET_PDEATHSIG: if the evaluator dies, so does this run
+if os.getppid() != cfg["parent"]:
+    os._exit(1)
 if os.geteuid() != 0:   # no root: a user namespace may still grant the namespaces below
     ids = os.geteuid(), os.getegid()
     try:
@@ -115,7 +120,8 @@ if "pid" not in missing:   # the next child is pid 1 of the new namespace; this 
 if "mount" not in missing and mount(None, "/", None, 16384 | 262144, None):   # MS_REC|MS_PRIVATE
     for d in cfg["writable_dirs"]:
         if os.path.isdir(d) and os.stat(d).st_mode & 0o002:
-            mount("tmpfs", d, "tmpfs", 2 | 4 | 8, "size=64k,mode=0755")   # nosuid,nodev,noexec
+            if not mount("tmpfs", d, "tmpfs", 2 | 4 | 8, "size=64k,mode=0755"):   # nosuid,nodev,noexec
+                report(f"note: {d} writable")
     if "pid" not in missing and not mount("proc", "/proc", "proc", 2 | 4 | 8, None):
         report("note: outer /proc visible")
     os.makedirs(work, exist_ok=True)
@@ -135,7 +141,7 @@ for res, value in ((resource.RLIMIT_CPU, (cpu, cpu + 1)), (resource.RLIMIT_AS, (
 libc.prctl(38, 1, 0, 0, 0)   # PR_SET_NO_NEW_PRIVS: setuid binaries cannot give root back
 if uid is not None:
     os.setgroups([]); os.setresgid(uid, uid, uid); os.setresuid(uid, uid, uid)
-libc.prctl(1, signal.SIGKILL, 0, 0, 0)   # PR_SET_PDEATHSIG, after setresuid (which clears it)
+libc.prctl(1, signal.SIGKILL, 0, 0, 0)   # again: setresuid cleared it
 mod = types.ModuleType("__sandbox__")   # not __main__: `if __name__ == "__main__"` blocks stay off
 sys.modules["__sandbox__"] = mod
 linecache.cache["<sandbox>"] = (len(src), None, src.splitlines(True), "<sandbox>")
@@ -194,27 +200,30 @@ def _sweep(uid: int | None) -> None:
 
 @contextmanager
 def _uid_slot():
-    """A sandbox uid no other run holds (flock on a root-only lock file), swept before and after."""
+    """A sandbox uid no other run holds, even in another process (flock on a root-only lock file)."""
     if os.geteuid() != 0:
         yield None
         return
-    locks = os.path.join(tempfile.gettempdir(), "softsrv-sandbox-uids")
-    os.makedirs(locks, mode=0o700, exist_ok=True)
-    st = os.lstat(locks)
+    os.makedirs(LOCK_DIR, mode=0o700, exist_ok=True)
+    st = os.lstat(LOCK_DIR)
     if st.st_uid != 0 or st.st_mode & 0o077:
-        raise RuntimeError(f"{locks}: must be a directory owned by root with mode 700")
+        raise RuntimeError(f"{LOCK_DIR}: must be a directory owned by root with mode 700")
     for uid in range(UID_BASE, UID_BASE + UID_SLOTS):
-        fd = os.open(os.path.join(locks, str(uid)), os.O_CREAT | os.O_RDWR, 0o600)
+        try:   # a uid some real account uses is not ours to sweep
+            pwd.getpwuid(uid)
+            continue
+        except KeyError:
+            pass
+        fd = os.open(os.path.join(LOCK_DIR, str(uid)), os.O_CREAT | os.O_RDWR, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             continue
         try:
-            _sweep(uid)   # a run that crashed before its own sweep
+            _sweep(uid)   # what a run that crashed before its own sweep left
             yield uid
         finally:
-            _sweep(uid)
             os.close(fd)
         return
     raise RuntimeError(f"all {UID_SLOTS} sandbox uids from {UID_BASE} are in use")
@@ -235,14 +244,19 @@ def _describe(stderr: bytes, limit: int = 300) -> str:
 
 def _run(program: str, uid: int | None, work: str, timeout_s: float, allow_network: bool) -> tuple[bool, str]:
     marker_r, marker_w = os.pipe()
-    cfg = dict(uid=uid, work=work, marker=marker_w, allow_network=allow_network, preimport=PREIMPORT,
+    cfg = dict(uid=uid, work=work, marker=marker_w, parent=os.getpid(), allow_network=allow_network, preimport=PREIMPORT,
                writable_dirs=WRITABLE_DIRS, cpu_s=math.ceil(timeout_s) + 1, memory=MEMORY_MB << 20,
                nproc=NPROC, fsize=FSIZE_MB << 20, nofile=NOFILE, workdir_mb=WORKDIR_MB)
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": work, "TMPDIR": work}
-    proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", _BOOTSTRAP, json.dumps(cfg)],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            pass_fds=(marker_w,), env=env, cwd="/", start_new_session=True)
-    os.close(marker_w)
+    try:
+        proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", _BOOTSTRAP, json.dumps(cfg)],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                pass_fds=(marker_w,), env=env, cwd="/", start_new_session=True)
+    except BaseException:
+        os.close(marker_r)
+        raise
+    finally:
+        os.close(marker_w)
     deadline = time.monotonic() + timeout_s
     fo, fe = proc.stdout.fileno(), proc.stderr.fileno()
     out = {fo: bytearray(), fe: bytearray(), marker_r: bytearray()}
@@ -268,7 +282,7 @@ def _run(program: str, uid: int | None, work: str, timeout_s: float, allow_netwo
                     if not chunk:
                         sel.unregister(key.fd)
                     out[key.fd] += chunk
-                    if len(out[fo]) + len(out[fe]) > OUTPUT_CAP:
+                    if sum(map(len, out.values())) > OUTPUT_CAP:
                         reason = f"output over cap ({OUTPUT_CAP} bytes)"
                 if exited and not ready:
                     break

@@ -53,7 +53,7 @@ def box(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(workdirs))
     yield sandbox
     assert live_pids_of_uids(range(base, base + SLOTS)) == []
-    assert [p.name for p in workdirs.iterdir() if p.name != "softsrv-sandbox-uids"] == []
+    assert list(workdirs.iterdir()) == []
 
 
 def timed(box, code, tests, **kw):
@@ -210,6 +210,31 @@ def test_parent_and_outside_processes_survive_kill_attempts(box):
     finally:
         bystander.kill()
         bystander.wait()
+
+
+@as_root
+def test_a_killed_evaluator_takes_its_sandboxes_along(box):
+    """If the evaluating process dies (OOM killer, Ctrl-C with SIGKILL), the parent-death signals
+    chain down: its bootstrap dies, then the program, then the PID namespace with everything in it."""
+    base = box.UID_BASE + SLOTS   # the box fixture checks its own range; this evaluator gets the next
+    evaluator = subprocess.Popen([sys.executable, "-c", f"import sandbox; sandbox.UID_BASE = {base}; "
+                                  "sandbox.run_tests('import os, time\\nos.fork()\\ntime.sleep(60)', [], timeout_s=60)"],
+                                 cwd=Path(__file__).parents[1])
+    try:
+        assert wait_until(lambda: len(live_pids_of_uids(range(base, base + SLOTS))) == 2), "sandbox never started"
+    finally:
+        evaluator.kill()
+        evaluator.wait()
+    assert wait_until(lambda: not live_pids_of_uids(range(base, base + SLOTS))), "sandbox outlived its evaluator"
+
+
+def wait_until(condition, limit_s: float = 10.0) -> bool:
+    end = time.monotonic() + limit_s
+    while not condition():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 # ------------------------------------------------------------------------------------------------
