@@ -90,7 +90,8 @@ import linecache, traceback
 libc = ctypes.CDLL(None, use_errno=True)
 libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p)
 def mount(src, dst, fs, flags, data):
-    return libc.mount(src and src.encode(), dst.encode(), fs and fs.encode(), flags, data and data.encode()) == 0
+    enc = lambda s: s and s.encode()
+    return libc.mount(enc(src), enc(dst), enc(fs), flags, enc(data)) == 0
 uid, work = cfg["uid"], cfg["work"]
 libc.prctl(1, signal.SIGKILL, 0, 0, 0)   # PR_SET_PDEATHSIG: if the evaluator dies, so does this run
 if os.getppid() != cfg["parent"]:
@@ -163,7 +164,8 @@ _SIGNALS = {signal.SIGXCPU: "killed: CPU time limit", signal.SIGXFSZ: "killed: f
 
 
 def _pids_of(uid: int) -> list[int]:
-    """Live processes (not zombies) with `uid` among their real/effective/saved/fs uids."""
+    """Processes (zombies too: they count against RLIMIT_NPROC) with `uid` among their
+    real/effective/saved/fs uids."""
     pids = []
     for name in os.listdir("/proc"):
         if not name.isdigit():
@@ -173,14 +175,15 @@ def _pids_of(uid: int) -> list[int]:
                 fields = dict(line.split(":", 1) for line in f.read().splitlines() if ":" in line)
         except (OSError, ValueError):
             continue
-        if str(uid) in fields.get("Uid", "").split() and not fields.get("State", "").strip().startswith("Z"):
+        if str(uid) in fields.get("Uid", "").split():
             pids.append(int(name))
     return pids
 
 
 def _sweep(uid: int | None) -> None:
     """Kill every process of the sandbox uid: `kill -9 -1` as that uid reaches them all at once,
-    however they forked or setsid()'d; the /proc scan confirms."""
+    however they forked or setsid()'d; the /proc scan confirms (for up to a second: an orphan's
+    zombie waits for the host's init to reap it)."""
     if uid is None:
         return
     for _ in range(100):
@@ -244,9 +247,10 @@ def _describe(stderr: bytes, limit: int = 300) -> str:
 
 def _run(program: str, uid: int | None, work: str, timeout_s: float, allow_network: bool) -> tuple[bool, str]:
     marker_r, marker_w = os.pipe()
-    cfg = dict(uid=uid, work=work, marker=marker_w, parent=os.getpid(), allow_network=allow_network, preimport=PREIMPORT,
-               writable_dirs=WRITABLE_DIRS, cpu_s=math.ceil(timeout_s) + 1, memory=MEMORY_MB << 20,
-               nproc=NPROC, fsize=FSIZE_MB << 20, nofile=NOFILE, workdir_mb=WORKDIR_MB)
+    cfg = dict(uid=uid, work=work, marker=marker_w, parent=os.getpid(), allow_network=allow_network,
+               preimport=PREIMPORT, writable_dirs=WRITABLE_DIRS, cpu_s=math.ceil(timeout_s) + 1,
+               memory=MEMORY_MB << 20, nproc=NPROC, fsize=FSIZE_MB << 20, nofile=NOFILE,
+               workdir_mb=WORKDIR_MB)
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": work, "TMPDIR": work}
     try:
         proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", _BOOTSTRAP, json.dumps(cfg)],
@@ -287,10 +291,16 @@ def _run(program: str, uid: int | None, work: str, timeout_s: float, allow_netwo
                 if exited and not ready:
                     break
     finally:
-        try:   # the leader is not reaped yet, so its pid (the group id) cannot have been reused
+        if proc.poll() is None and uid is not None:
+            # the program dies first, so that the root half reaps it and exits: a killed root half
+            # would orphan it to the host's init, and its zombie would count against RLIMIT_NPROC
+            _sweep(uid)
+            try:
+                proc.wait(timeout=1)
+            except subprocess.TimeoutExpired:
+                pass
+        if proc.poll() is None:   # not reaped, so its pid (the group id) cannot have been reused
             os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
         proc.wait()
         proc.stdout.close()
         proc.stderr.close()
@@ -298,6 +308,7 @@ def _run(program: str, uid: int | None, work: str, timeout_s: float, allow_netwo
         _sweep(uid)
     reports = out[marker_r].decode("utf-8", "replace").splitlines()
     notes = [r[len("note: "):] for r in reports if r.startswith("note: ")]
+    notes += ["not root: no uid of its own"] if uid is None else []
     refused = [r for r in reports if r.startswith("refused: ")]
     if reason:
         return False, reason
@@ -307,7 +318,8 @@ def _run(program: str, uid: int | None, work: str, timeout_s: float, allow_netwo
         return True, "passed" + (f" (degraded: {'; '.join(notes)})" if notes else "")
     if proc.returncode < 0:
         sig = -proc.returncode
-        return False, _SIGNALS.get(sig, f"killed by signal {sig}") + (f": {_describe(out[fe])}" if out[fe] else "")
+        why = _SIGNALS.get(sig, f"killed by signal {sig}")
+        return False, why + (f": {_describe(out[fe])}" if out[fe] else "")
     return False, _describe(out[fe]) or f"exit status {proc.returncode} before the tests finished"
 
 

@@ -23,11 +23,12 @@ as_root = pytest.mark.skipif(os.geteuid() != 0, reason="the sandbox's guarantees
 TIMEOUT = 2.0
 MARGIN = 5.0        # generous: the machine is shared; a hung sandbox would take far longer
 SLOTS = 8
-GUARD = "import os\nassert os.getuid() != 0, 'running as root: not sending the signal'\n"  # keep a broken sandbox from killing the machine
+# before any kill attempt: a broken sandbox running it as root would take the whole machine down
+GUARD = "import os\nassert os.getuid() != 0, 'running as root: not sending the signal'\n"
 
 
 def live_pids_of_uids(uids) -> list[int]:
-    """/proc scan (no psutil): live processes whose real/effective/saved/fs uid is in `uids`."""
+    """/proc scan (no psutil): processes, zombies too, whose real/effective/saved/fs uid is in `uids`."""
     found = []
     for name in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -35,19 +36,20 @@ def live_pids_of_uids(uids) -> list[int]:
         except OSError:
             continue
         fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-        if fields["State"].split()[0] != "Z" and {int(u) for u in fields["Uid"].split()} & set(uids):
+        if {int(u) for u in fields["Uid"].split()} & set(uids):
             found.append(int(name))
     return found
 
 
 @pytest.fixture
 def box(tmp_path, monkeypatch):
-    """A private uid range and temporary folder for this test, so that sandboxes run by other
-    processes on the machine cannot blur the leftover checks; afterwards no process of those uids
-    is alive and no working directory is left."""
+    """A private uid range, lock folder and temporary folder for this test, so that sandboxes run
+    by other processes on the machine cannot blur the leftover checks; afterwards no process of
+    those uids is alive and no working directory is left."""
     base = 100000 + (os.getpid() % 100000) * SLOTS
     monkeypatch.setattr(sandbox, "UID_BASE", base)
     monkeypatch.setattr(sandbox, "UID_SLOTS", SLOTS)
+    monkeypatch.setattr(sandbox, "LOCK_DIR", str(tmp_path / "locks"))
     workdirs = tmp_path / "tmp"
     workdirs.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(workdirs))
@@ -72,10 +74,13 @@ SQUARE = "def square(x):\n    return x * x\n"
 @as_root
 @pytest.mark.parametrize("code, tests, passed, detail", [
     (SQUARE, ["assert square(3) == 9", "assert square(-2) == 4"], True, "passed"),
-    (SQUARE, ["assert square(3) == 9", "assert square(2) == 5"], False, "AssertionError (line 4: assert square(2) == 5)"),
+    (SQUARE, ["assert square(3) == 9", "assert square(2) == 5"], False,
+     "AssertionError (line 4: assert square(2) == 5)"),
     ("def square(x) return x", ["assert square(3) == 9"], False, "SyntaxError"),
-    ("import numpy\n" + SQUARE, ["assert square(3) == 9"], False, "ModuleNotFoundError: No module named 'numpy'"),
-    ("import sys\nsys.exit(0)\n" + SQUARE, ["assert square(2) == 5"], False, "SystemExit(0) before the tests finished"),
+    ("import numpy\n" + SQUARE, ["assert square(3) == 9"], False,
+     "ModuleNotFoundError: No module named 'numpy'"),
+    ("import sys\nsys.exit(0)\n" + SQUARE, ["assert square(2) == 5"], False,
+     "SystemExit(0) before the tests finished"),
     ("import os\nos._exit(0)\n", ["assert False"], False, "exit status 0 before the tests finished"),
     # what MBPP solutions import is there although the interpreter is unreadable after the uid drop
     ("import re, heapq, math\nfrom collections import Counter\nfrom itertools import combinations\n"
@@ -96,11 +101,13 @@ def test_humaneval_script_setup_and_isolation(box):
     test = "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n"
     assert timed(box, prompt + "    return a + b\n", test + "check(add)\n") == (True, "passed")
     assert timed(box, prompt + "    return a - b\n", test + "check(add)\n")[0] is False
-    probe = ["assert OFFSET == 10", "assert os.getuid() >= sandbox_base and os.getcwd() == os.environ['HOME']",
+    probe = ["assert OFFSET == 10",
+             "assert os.getuid() >= sandbox_base and os.getcwd() == os.environ['HOME']",
              "assert sorted(os.environ) == ['HOME', 'LANG', 'PATH', 'TMPDIR']",
              "open('scratch.txt', 'w').write('inside'); assert open('scratch.txt').read() == 'inside'",
              "assert __name__ != '__main__'"]
-    assert timed(box, "import os", probe, setup=f"OFFSET = 10\nsandbox_base = {box.UID_BASE}") == (True, "passed")
+    setup = f"OFFSET = 10\nsandbox_base = {box.UID_BASE}"
+    assert timed(box, "import os", probe, setup=setup) == (True, "passed")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -109,7 +116,8 @@ def test_humaneval_script_setup_and_isolation(box):
 @as_root
 @pytest.mark.parametrize("code, detail", [
     ("while True:\n    pass", "timeout after 2.0s"),
-    ("import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass", "timeout after 2.0s"),
+    ("import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass",
+     "timeout after 2.0s"),
     # RLIMIT_NPROC binds: the forks fail until the program dies of it or of the timeout, and then
     # the tracebacks of many processes interleave, so any failure will do
     ("import os\nwhile True:\n    os.fork()", ""),
@@ -120,7 +128,8 @@ def test_humaneval_script_setup_and_isolation(box):
     ("f = open('big', 'wb')\nwhile True:\n    f.write(b'0' * 10 ** 6)", "OSError: [Errno 27] File too large"),
     # a grandchild that leaves the process group and outlives the program
     ("import os, time\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n        while True:\n"
-     "            time.sleep(0.1)\n    os._exit(0)\ntime.sleep(0.3)\nassert False, 'hostile'", "AssertionError: hostile"),
+     "            time.sleep(0.1)\n    os._exit(0)\ntime.sleep(0.3)\nassert False, 'hostile'",
+     "AssertionError: hostile"),
 ])
 def test_resource_bombs_are_contained(box, code, detail):
     passed, got = timed(box, code, ["assert True"])
@@ -130,8 +139,9 @@ def test_resource_bombs_are_contained(box, code, detail):
 @as_root
 def test_limits_bind_the_sandbox_uid(box):
     """RLIMIT_NPROC does not bind root; inside it binds, counting the program itself."""
-    code = ("import os, time, resource\nforked = 0\ntry:\n    while True:\n        if os.fork() == 0:\n"
-            "            time.sleep(10)\n            os._exit(0)\n        forked += 1\nexcept OSError:\n    pass\n")
+    code = ("import os, time, resource\nforked = 0\ntry:\n    while True:\n"
+            "        if os.fork() == 0:\n            time.sleep(10)\n            os._exit(0)\n"
+            "        forked += 1\nexcept OSError:\n    pass\n")
     tests = [f"assert forked == {box.NPROC - 1}, forked",
              f"assert resource.getrlimit(resource.RLIMIT_AS)[0] == {box.MEMORY_MB << 20}",
              f"assert resource.getrlimit(resource.RLIMIT_FSIZE)[0] == {box.FSIZE_MB << 20}"]
@@ -149,14 +159,17 @@ def test_files_outside_stay_untouched(box):
         secret_tmp.chmod(0o666)
         victim.write_text("keep me")
         victim.chmod(0o644)
-        for attack in [f"open({str(secret_tmp)!r}, 'w').write('owned')", f"import os\nos.remove({str(secret_tmp)!r})",
+        for attack in [f"open({str(secret_tmp)!r}, 'w').write('owned')",
+                       f"import os\nos.remove({str(secret_tmp)!r})",
                        f"open({str(victim)!r}, 'a').write('owned')", f"import os\nos.remove({str(victim)!r})",
                        f"import os\nos.rename({str(victim)!r}, {str(victim) + '.moved'!r})",
                        f"open({str(victim.parent / 'planted.py')!r}, 'w').write('owned')",
-                       "open('/tmp/planted.txt', 'w').write('owned')", "open('/var/tmp/planted.txt', 'w').write('owned')",
+                       "open('/tmp/planted.txt', 'w').write('owned')",
+                       "open('/var/tmp/planted.txt', 'w').write('owned')",
                        "open('/dev/shm/planted.txt', 'w').write('owned')"]:
             passed, detail = timed(box, attack, ["assert True"])
-            assert not passed and ("PermissionError" in detail or "FileNotFoundError" in detail), (attack, detail)
+            assert not passed, (attack, detail)
+            assert "PermissionError" in detail or "FileNotFoundError" in detail, (attack, detail)
         assert secret_tmp.read_text() == "world-writable" and victim.read_text() == "keep me"
         assert not (victim.parent / "planted.py").exists()
         assert not any(Path(d, "planted.txt").exists() for d in ("/tmp", "/var/tmp", "/dev/shm"))
@@ -201,7 +214,8 @@ def test_no_network_even_to_a_loopback_listener(box):
 def test_parent_and_outside_processes_survive_kill_attempts(box):
     bystander = subprocess.Popen(["sleep", "60"])     # a root process outside the sandbox
     try:
-        for attack in ["os.kill(os.getppid(), 9)", f"os.kill({os.getpid()}, 9)", f"os.kill({bystander.pid}, 9)",
+        for attack in ["os.kill(os.getppid(), 9)", f"os.kill({os.getpid()}, 9)",
+                       f"os.kill({bystander.pid}, 9)",
                        "os.kill(-1, 9)", "os.system('kill -9 -1')", f"os.killpg({os.getpgid(0)}, 9)"]:
             passed, detail = timed(box, GUARD + attack + "\nimport time\ntime.sleep(0.2)",
                                    ["assert False, 'still here'"])
@@ -217,15 +231,16 @@ def test_a_killed_evaluator_takes_its_sandboxes_along(box):
     """If the evaluating process dies (OOM killer, Ctrl-C with SIGKILL), the parent-death signals
     chain down: its bootstrap dies, then the program, then the PID namespace with everything in it."""
     base = box.UID_BASE + SLOTS   # the box fixture checks its own range; this evaluator gets the next
-    evaluator = subprocess.Popen([sys.executable, "-c", f"import sandbox; sandbox.UID_BASE = {base}; "
-                                  "sandbox.run_tests('import os, time\\nos.fork()\\ntime.sleep(60)', [], timeout_s=60)"],
-                                 cwd=Path(__file__).parents[1])
+    script = (f"import sandbox; sandbox.UID_BASE = {base}; sandbox.LOCK_DIR = {box.LOCK_DIR!r}; "
+              "sandbox.run_tests('import os, time\\nos.fork()\\ntime.sleep(60)', [], timeout_s=60)")
+    evaluator = subprocess.Popen([sys.executable, "-c", script], cwd=Path(__file__).parents[1])
+    ours = range(base, base + SLOTS)
     try:
-        assert wait_until(lambda: len(live_pids_of_uids(range(base, base + SLOTS))) == 2), "sandbox never started"
+        assert wait_until(lambda: len(live_pids_of_uids(ours)) == 2), "sandbox never started"
     finally:
         evaluator.kill()
         evaluator.wait()
-    assert wait_until(lambda: not live_pids_of_uids(range(base, base + SLOTS))), "sandbox outlived its evaluator"
+    assert wait_until(lambda: not live_pids_of_uids(ours)), "sandbox outlived its evaluator"
 
 
 def wait_until(condition, limit_s: float = 10.0) -> bool:
@@ -246,7 +261,8 @@ def test_run_tests_many_keeps_order_and_isolates_jobs(box):
     cannot reach the job running next to it (its own uid, its own PID namespace)."""
     jobs = [(SQUARE, ["assert square(4) == 16"]),
             ("while True:\n    pass", ["assert True"]),
-            (GUARD + "import time\nfor _ in range(10):\n    os.system('kill -9 -1')\n    time.sleep(0.1)", ["assert False"]),
+            (GUARD + "import time\nfor _ in range(10):\n    os.system('kill -9 -1')\n    time.sleep(0.1)",
+             ["assert False"]),
             ("import time\ntime.sleep(1.2)\n" + SQUARE, ["assert square(5) == 25"]),
             (SQUARE, "assert square(2) == 5\n"),
             ("def f(:", ["assert True"]),
