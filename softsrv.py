@@ -355,7 +355,8 @@ def generate_from_ids(model: Transformer, prompts: list[list[int]], max_new_toke
 # ----------------------------------------------------------------------------------------------
 # Context vectors, computed once per (encoder, dataset) and cached
 
-def context_vectors(encoder: ContextEncoder, encoder_name: str, texts: list[str], data_fp: str) -> torch.Tensor:
+def context_vectors(encoder: ContextEncoder, encoder_name: str, texts: list[str], data_fp: str,
+                    progress: bool = True) -> torch.Tensor:
     """z_i = E(x_i) for every text, read from the cache when this encoder already embedded this data."""
     key = hashlib.sha256(f"{encoder_name}|{encoder.max_tokens}|{encoder.model.dtype}|{data_fp}".encode()).hexdigest()[:20]
     path = CACHE_DIR / "contexts" / f"{key}.safetensors"
@@ -363,7 +364,7 @@ def context_vectors(encoder: ContextEncoder, encoder_name: str, texts: list[str]
         z = load_file(str(path))["z"]
         if z.shape[0] == len(texts):
             return z
-    z = encoder(texts, progress=True)
+    z = encoder(texts, progress=progress)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     save_file({"z": z.contiguous()}, str(tmp))
