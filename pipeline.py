@@ -304,14 +304,15 @@ def _train_fold(cfg: PipelineConfig) -> list[data.Example]:
 
 
 def _complete(model, tok, texts: list[str], cfg: PipelineConfig, seed: int, chat: bool = True,
-              max_new: int | None = None) -> list[str]:
+              max_new: int | None = None, stop=None) -> list[str]:
     """Each text -> the LM's completion at the template temperature (the project's sampler); as a user
     turn of the LM's chat format, or (chat=False) as plain text to be continued."""
     from eval import qa_prompt_ids
     from softsrv import generate_from_ids
     prompts = [qa_prompt_ids(tok, t) if chat else tok.encode(t) for t in texts]
     ids = generate_from_ids(model, prompts, max_new or cfg.question_tokens or 128, tok.eos_id,
-                            temperature=cfg.pt_temperature, top_p=cfg.pt_top_p, batch_size=cfg.batch_size, seed=seed)
+                            temperature=cfg.pt_temperature, top_p=cfg.pt_top_p, batch_size=cfg.batch_size, seed=seed,
+                            stop=stop)
     return [tok.decode(x).strip() for x in ids]
 
 
@@ -337,11 +338,14 @@ def generate_pt(run: Run, n_completions: int, train_ex: list[data.Example]) -> l
     model = load_model(cfg.generator, dtype=torch.bfloat16 if cfg.dtype == "bf16" else torch.float32)
     tok = load_tokenizer(cfg.generator)
     tmpl = TEMPLATES[cfg.task]["question"]
-    max_new = 10 * (cfg.question_tokens or 128)      # ten questions
+    from eval import stop_on
+    max_new = 10 * (cfg.question_tokens or 96)       # ten questions; an 11th ends the completion
+    eleventh = stop_on(tok, ["Question 11", "Passage and Question 11", "\n11."])
 
     def make(idx):
         texts = [tmpl.format(q=train_ex[i % len(train_ex)].text) for i in idx]
-        outs = _complete(model, tok, texts, cfg, cfg.seed * 1_000_003 + idx[0], chat=False, max_new=max_new)
+        outs = _complete(model, tok, texts, cfg, cfg.seed * 1_000_003 + idx[0], chat=False, max_new=max_new,
+                         stop=eleventh)
         return [{"index": i, "context_id": train_ex[i % len(train_ex)].id, "completion": o,
                  "questions": parse_numbered(o)} for i, o in zip(idx, outs)]
     return _in_chunks(run.out / "pt_completions.jsonl", n_completions, cfg.batch_size, make, "PT completions")
@@ -542,7 +546,7 @@ def step_mauve(run: Run) -> dict:
         out[name] = {"mauve": float(res.mauve), "n_gen": len(gen), "n_ref": len(ref)}
         try:
             mauve.plot(res, run.out / f"mauve_{name}.png")
-        except ImportError:
+        except ValueError:                 # matplotlib missing: the report says so
             pass
     _write_json(path, out)
     return out
