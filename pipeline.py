@@ -338,14 +338,15 @@ def generate_pt(run: Run, n_completions: int, train_ex: list[data.Example]) -> l
     model = load_model(cfg.generator, dtype=torch.bfloat16 if cfg.dtype == "bf16" else torch.float32)
     tok = load_tokenizer(cfg.generator)
     tmpl = TEMPLATES[cfg.task]["question"]
-    from eval import stop_on
+    from eval import cut_at, stop_on
     max_new = 10 * (cfg.question_tokens or 96)       # ten questions; an 11th ends the completion
-    eleventh = stop_on(tok, ["Question 11", "Passage and Question 11", "\n11."])
+    stops = ["Question 11", "\n11."]
 
     def make(idx):
         texts = [tmpl.format(q=train_ex[i % len(train_ex)].text) for i in idx]
         outs = _complete(model, tok, texts, cfg, cfg.seed * 1_000_003 + idx[0], chat=False, max_new=max_new,
-                         stop=eleventh)
+                         stop=stop_on(tok, stops))
+        outs = [cut_at(o, stops) for o in outs]
         return [{"index": i, "context_id": train_ex[i % len(train_ex)].id, "completion": o,
                  "questions": parse_numbered(o)} for i, o in zip(idx, outs)]
     return _in_chunks(run.out / "pt_completions.jsonl", n_completions, cfg.batch_size, make, "PT completions")
