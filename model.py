@@ -4,10 +4,14 @@
 - `Transformer(embeds)` is H: embeddings -> next-token logits [B, T, V]. Positions live inside H,
   so a SoftSRV prompt P ∈ R^{t x d} is fed exactly like embedded text.
 
-Two families share one code path, chosen by `ModelConfig.arch`:
+Three families share one code path, chosen by `ModelConfig.arch` and its flags:
 - "gpt2": learned positions, LayerNorm, tanh-GELU MLP, tied head (gpt2, distilgpt2, gpt2-medium).
 - "llama": RMSNorm, rotary embeddings (Hugging Face rotate-half layout), SwiGLU MLP, grouped-query
   attention, optional q/k/v bias (Qwen2), tied or untied head (SmolLM2, Llama 3.x, Qwen2.5).
+- "gemma": the llama path plus embeddings scaled by sqrt(d), (1 + w) RMSNorm, GeGLU MLP (Gemma 1);
+  norms after attention and MLP too, attention/final logit soft-capping, query_pre_attn_scalar,
+  sliding-window layers (Gemma 2); QK-norm, 5 local : 1 global layers with their own RoPE bases
+  (Gemma 3 text).
 
 Weights come from a Hugging Face-layout folder (config.json + safetensors), a hub id (through
 huggingface_hub's cache), or the offline default `smollm2-135m-instruct`: a GGUF file shipped in the
@@ -36,6 +40,13 @@ HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "to
              "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt"]
 
 
+# What Gemma3TextConfig assumes when a (multimodal) gemma3 config.json leaves a key out.
+GEMMA3_TEXT_DEFAULTS = dict(vocab_size=262_208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                            num_attention_heads=8, num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256,
+                            max_position_embeddings=131_072, rms_norm_eps=1e-6, sliding_window=4096,
+                            rope_theta=1_000_000.0, rope_local_base_freq=10_000.0)
+
+
 class ModelError(ValueError):
     """A user-facing problem with a checkpoint: the message is one line naming file and tensor."""
 
@@ -61,6 +72,19 @@ class ModelConfig:
     mlp_bias: bool = False
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None
+    # Gemma family (all off for gpt2/llama)
+    embed_scale: bool = False      # I(ids) = table[ids] * sqrt(d_model)
+    norm_unit_offset: bool = False # RMSNorm gain is (1 + weight)
+    mlp_act: str = "silu"          # gate activation: "silu" (SwiGLU) or "gelu_tanh" (GeGLU)
+    sandwich_norm: bool = False    # Gemma 2/3: a norm after attention and after the MLP as well
+    qk_norm: bool = False          # Gemma 3: RMSNorm on q and k per head
+    query_scale: float | None = None       # attention scale; None = head_dim ** -0.5
+    attn_softcap: float | None = None      # Gemma 2: cap * tanh(scores / cap)
+    final_softcap: float | None = None     # Gemma 2: cap * tanh(logits / cap)
+    sliding_window: int | None = None      # local layers see this many positions (incl. their own)
+    local_layers: tuple = ()               # indices of the sliding-window layers
+    rope_local_theta: float | None = None  # Gemma 3: RoPE base of the local layers (None: rope_theta)
+    rope_local_scaling: dict | None = None
     model_type: str = ""           # the Hugging Face model_type it came from, for the record
     extra: dict = field(default_factory=dict)
 
@@ -93,19 +117,59 @@ class ModelConfig:
                            qkv_bias=(mt == "qwen2") or attn_bias, o_bias=attn_bias and mt != "qwen2",
                            mlp_bias=hf.get("mlp_bias", False), rope_theta=float(theta),
                            rope_scaling=scaling, model_type=mt)
+            if mt in ("gemma", "gemma2", "gemma3_text", "gemma3"):
+                return cls._from_hf_gemma(hf, mt)
         except KeyError as e:
             raise ModelError(f"{where}: model_type '{mt}' needs the key {e} and it is missing") from None
         raise ModelError(f"{where}: unknown architecture model_type='{mt}' "
-                         f"(supported: gpt2, llama, qwen2, mistral)")
+                         f"(supported: gpt2, llama, qwen2, mistral, gemma, gemma2, gemma3_text, gemma3)")
+
+    @classmethod
+    def _from_hf_gemma(cls, hf: dict, mt: str) -> "ModelConfig":
+        if mt == "gemma3":  # the multimodal checkpoint: its text config relies on the class defaults
+            hf, mt = {**GEMMA3_TEXT_DEFAULTS, **hf.get("text_config", {})}, "gemma3_text"
+        n_layer, n_head = hf["num_hidden_layers"], hf["num_attention_heads"]
+        head_dim = hf.get("head_dim") or hf["hidden_size"] // n_head
+        layer_types = hf.get("layer_types")
+        if layer_types is None and mt != "gemma":  # older configs give the period: every n-th is global
+            every = 2 if mt == "gemma2" else hf.get("sliding_window_pattern", 6)
+            layer_types = ["full_attention" if (i + 1) % every == 0 else "sliding_attention" for i in range(n_layer)]
+        local = tuple(i for i, t in enumerate(layer_types or []) if t == "sliding_attention")
+        rp = hf.get("rope_parameters") or {}
+        default = lambda p: None if p.get("rope_type", p.get("type", "default")) == "default" else p
+        if "full_attention" in rp:      # transformers 5.x: RoPE settings keyed by layer type
+            glob, loc = rp["full_attention"], rp.get("sliding_attention", {})
+            theta, scaling = glob.get("rope_theta", 1e6), default(glob)
+            local_theta, local_scaling = loc.get("rope_theta", 1e4), default(loc)
+        else:                           # hub files: top-level rope_theta, rope_local_base_freq, rope_scaling
+            theta = hf.get("rope_theta", rp.get("rope_theta", 1e6 if mt == "gemma3_text" else 1e4))
+            scaling = hf.get("rope_scaling") or (default(rp) if rp else None)
+            local_theta = hf.get("rope_local_base_freq", 1e4) if mt == "gemma3_text" else None
+            local_scaling = None
+        return cls(arch="gemma", vocab_size=hf["vocab_size"], n_layer=n_layer, n_head=n_head,
+                   n_kv_head=hf.get("num_key_value_heads") or n_head, d_model=hf["hidden_size"],
+                   d_ff=hf["intermediate_size"], head_dim=head_dim,
+                   max_seq_len=hf.get("max_position_embeddings", 8192), norm_eps=hf.get("rms_norm_eps", 1e-6),
+                   tie_embeddings=hf.get("tie_word_embeddings", True), qkv_bias=hf.get("attention_bias", False),
+                   o_bias=hf.get("attention_bias", False), rope_theta=float(theta), rope_scaling=scaling,
+                   embed_scale=True, norm_unit_offset=True, mlp_act="gelu_tanh",
+                   sandwich_norm=mt != "gemma", qk_norm=mt == "gemma3_text",
+                   query_scale=hf.get("query_pre_attn_scalar", head_dim) ** -0.5 if mt != "gemma" else None,
+                   attn_softcap=hf.get("attn_logit_softcapping") if mt != "gemma" else None,
+                   final_softcap=hf.get("final_logit_softcapping") if mt != "gemma" else None,
+                   sliding_window=(hf.get("sliding_window") or hf.get("sliding_window_size")) if local else None,
+                   local_layers=local, rope_local_theta=None if local_theta is None else float(local_theta),
+                   rope_local_scaling=local_scaling, model_type=mt)
 
 
 # ----------------------------------------------------------------------------------------------
 # Rotary embeddings (Llama family). Hugging Face "rotate-half" layout: the two halves of each head
 # are the (x, y) of each rotated pair.
 
-def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
-    sc = cfg.rope_scaling
+def rope_inv_freq(cfg: ModelConfig, local: bool = False) -> torch.Tensor:
+    """The rotary frequencies of the global layers, or (local=True) of Gemma 3's sliding-window ones."""
+    theta, sc = (cfg.rope_local_theta, cfg.rope_local_scaling) if local else (cfg.rope_theta, cfg.rope_scaling)
+    inv_freq = 1.0 / (theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
     if not sc:
         return inv_freq
     kind = sc.get("rope_type", sc.get("type", "default"))
@@ -137,8 +201,9 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 class KVCache:
     """Keys and values of every layer, preallocated for (batch, max_len).
 
-    `mask[b, s]` says whether slot s of row b holds a real token (False for padding), and
-    `next_pos[b]` is the position id the next real token of row b gets. Rows of different lengths
+    `mask[b, s]` says whether slot s of row b holds a real token (False for padding), `pos[b, s]`
+    its position id (sliding windows count positions), and `next_pos[b]` is the position id the
+    next real token of row b gets. Rows of different lengths
     are prefilled left-padded, so all rows append their decode steps at the same slot.
     """
 
@@ -147,6 +212,7 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.mask = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.pos = torch.zeros(batch, max_len, dtype=torch.long, device=device)
         self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)
         self.length = 0          # slots used so far (the same for all rows)
         self.padded = False      # True once any row has a padding slot: then masks are needed
@@ -158,22 +224,24 @@ class KVCache:
     def keep_rows(self, keep: torch.Tensor):
         """Drop the rows where `keep` is False (finished samples stop costing compute)."""
         self.k, self.v = self.k[:, keep], self.v[:, keep]
-        self.mask, self.next_pos = self.mask[keep], self.next_pos[keep]
+        self.mask, self.pos, self.next_pos = self.mask[keep], self.pos[keep], self.next_pos[keep]
 
 
 # ----------------------------------------------------------------------------------------------
 # Modules
 
 class RMSNorm(nn.Module):
-    def __init__(self, d: int, eps: float):
+    def __init__(self, d: int, eps: float, unit_offset: bool = False):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(d))
+        self.eps, self.unit_offset = eps, unit_offset
+        self.weight = nn.Parameter(torch.zeros(d) if unit_offset else torch.ones(d))
 
     def forward(self, x):
-        # Normalize in fp32 as the reference does, then cast back before the gain.
+        # Normalize in fp32 as the reference does; Llama casts back before the gain, Gemma after it.
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.unit_offset:
+            return (h * (1.0 + self.weight.float())).to(x.dtype)
         return self.weight * h.to(x.dtype)
 
 
@@ -186,6 +254,10 @@ class Attention(nn.Module):
         self.k = nn.Linear(d, cfg.n_kv_head * hd, bias=cfg.qkv_bias)
         self.v = nn.Linear(d, cfg.n_kv_head * hd, bias=cfg.qkv_bias)
         self.o = nn.Linear(cfg.n_head * hd, d, bias=cfg.o_bias)
+        self.q_norm = RMSNorm(hd, cfg.norm_eps, True) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(hd, cfg.norm_eps, True) if cfg.qk_norm else None
+        self.scale = cfg.query_scale if cfg.query_scale is not None else hd ** -0.5
+        self.softcap = cfg.attn_softcap
 
     def forward(self, x, rope, attn_mask, cache: KVCache | None, layer: int, start: int):
         B, T, _ = x.shape
@@ -193,6 +265,8 @@ class Attention(nn.Module):
         q = self.q(x).view(B, T, -1, hd).transpose(1, 2)            # [B, H, T, hd]
         k = self.k(x).view(B, T, -1, hd).transpose(1, 2)            # [B, Hkv, T, hd]
         v = self.v(x).view(B, T, -1, hd).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             cos, sin = rope                                          # [B, 1, T, hd]
             q = q * cos + rotate_half(q) * sin
@@ -202,10 +276,23 @@ class Attention(nn.Module):
             cache.v[layer, :, :, start:start + T] = v
             k = cache.k[layer, :, :, :start + T]
             v = cache.v[layer, :, :, :start + T]
-        is_causal = attn_mask is None and T > 1 and start == 0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
-                                           enable_gqa=self.cfg.n_kv_head != self.cfg.n_head)
+        if self.softcap is not None:
+            y = self._softcapped(q, k, v, attn_mask)
+        else:
+            is_causal = attn_mask is None and T > 1 and start == 0
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale,
+                                               enable_gqa=self.cfg.n_kv_head != self.cfg.n_head)
         return self.o(y.transpose(1, 2).reshape(B, T, -1))
+
+    def _softcapped(self, q, k, v, attn_mask):
+        """Gemma 2 attention: the scores are soft-capped before the mask, which SDPA cannot do.
+        The caller always passes an explicit mask on this path."""
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        scores = (q @ k.transpose(-1, -2)) * self.scale
+        scores = torch.tanh(scores / self.softcap) * self.softcap
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+        return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
 
 
 class MLP(nn.Module):
@@ -213,6 +300,7 @@ class MLP(nn.Module):
         super().__init__()
         d, f, b = cfg.d_model, cfg.d_ff, cfg.mlp_bias
         self.gelu = cfg.arch == "gpt2"
+        self.gated_gelu = cfg.mlp_act == "gelu_tanh"
         if self.gelu:
             self.fc, self.proj = nn.Linear(d, f, bias=b), nn.Linear(f, d, bias=b)
         else:
@@ -221,19 +309,34 @@ class MLP(nn.Module):
     def forward(self, x):
         if self.gelu:
             return self.proj(F.gelu(self.fc(x), approximate="tanh"))
+        if self.gated_gelu:
+            return self.down(F.gelu(self.gate(x), approximate="tanh") * self.up(x))   # GeGLU
         return self.down(F.silu(self.gate(x)) * self.up(x))         # SwiGLU
 
 
-class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        Norm = (lambda: nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)) if cfg.arch == "gpt2" \
-            else (lambda: RMSNorm(cfg.d_model, cfg.norm_eps))
-        self.norm1, self.attn, self.norm2, self.mlp = Norm(), Attention(cfg), Norm(), MLP(cfg)
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.arch == "gpt2":
+        return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+    return RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_unit_offset)
 
-    def forward(self, x, rope, attn_mask, cache, layer, start):
-        x = x + self.attn(self.norm1(x), rope, attn_mask, cache, layer, start)
-        return x + self.mlp(self.norm2(x))
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.local = layer in cfg.local_layers    # picks the sliding-window mask and the local RoPE
+        self.norm1, self.attn, self.norm2, self.mlp = make_norm(cfg), Attention(cfg), make_norm(cfg), MLP(cfg)
+        # Gemma 2/3 also normalize each branch's output before adding it to the residual stream.
+        self.post_attn_norm = make_norm(cfg) if cfg.sandwich_norm else None
+        self.post_mlp_norm = make_norm(cfg) if cfg.sandwich_norm else None
+
+    def forward(self, x, ropes, masks, cache, start):
+        h = self.attn(self.norm1(x), ropes[self.local], masks[self.local], cache, self.layer, start)
+        if self.post_attn_norm is None:
+            x = x + h
+            return x + self.mlp(self.norm2(x))
+        x = x + self.post_attn_norm(h)
+        return x + self.post_mlp_norm(self.mlp(self.norm2(x)))
 
 
 class Transformer(nn.Module):
@@ -243,12 +346,13 @@ class Transformer(nn.Module):
         self.source_dir: Path | None = None     # the folder load_model read (save_model copies its files)
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.arch == "gpt2" else None
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.norm_f = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps) if cfg.arch == "gpt2" \
-            else RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.norm_f = make_norm(cfg)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        if cfg.arch == "llama":
+        if cfg.arch != "gpt2":
             self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+            if cfg.rope_local_theta is not None:
+                self.register_buffer("inv_freq_local", rope_inv_freq(cfg, local=True), persistent=False)
 
     @property
     def device(self):
@@ -259,14 +363,21 @@ class Transformer(nn.Module):
         return self.tok_emb.weight.dtype
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """I: token ids [B, T] -> input embeddings [B, T, d]."""
-        return self.tok_emb(ids)
+        """I: token ids [B, T] -> input embeddings [B, T, d]. For Gemma this includes the sqrt(d)
+        scale, so that a soft prompt P lives in the same space as embedded text (L = H ∘ I)."""
+        e = self.tok_emb(ids)
+        if self.cfg.embed_scale:   # rounded to the model's dtype first, as the reference does
+            e = e * torch.tensor(self.cfg.d_model ** 0.5, dtype=e.dtype, device=e.device)
+        return e
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The LM head: final hidden states [..., d] -> logits [..., V]."""
         w = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
         # As one 2-D matmul: on a 3-D (or sliced) input F.linear may batch it and copy w per row.
-        return F.linear(hidden.reshape(-1, hidden.shape[-1]), w).view(*hidden.shape[:-1], -1)
+        out = F.linear(hidden.reshape(-1, hidden.shape[-1]), w).view(*hidden.shape[:-1], -1)
+        if self.cfg.final_softcap is not None:
+            out = torch.tanh(out / self.cfg.final_softcap) * self.cfg.final_softcap
+        return out
 
     def hidden_states(self, embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       cache: KVCache | None = None, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -297,32 +408,48 @@ class Transformer(nn.Module):
         if self.pos_emb is not None and int(pos.max()) >= self.cfg.max_seq_len:
             raise ValueError(f"sequence longer than the model's {self.cfg.max_seq_len} positions")
 
-        attn_mask = None
+        cfg = self.cfg
+        # Sliding-window layers need their own mask only once keys can lie a window or more back.
+        windowed = bool(cfg.local_layers) and start + T > cfg.sliding_window
+        explicit = windowed or cfg.attn_softcap is not None     # the soft-capped path needs a mask
+        attn_mask, key_pos = None, pos
         if cache is not None:
             cache.mask[:, start:start + T] = valid
+            cache.pos[:, start:start + T] = pos
             cache.next_pos += valid.long().sum(1)
             cache.padded = cache.padded or not bool(valid.all())
-            if cache.padded or (start > 0 and T > 1):
+            if cache.padded or (start > 0 and T > 1) or explicit:
                 attn_mask = self._mask(cache.mask[:, :start + T], start, T)
+                key_pos = cache.pos[:, :start + T]
         elif segment_ids is not None:
             same = segment_ids[:, :, None] == segment_ids[:, None, :]
             attn_mask = (same & torch.ones(T, T, dtype=torch.bool, device=dev).tril())[:, None]
-        elif attention_mask is not None and not bool(valid.all()):
+        elif explicit or (attention_mask is not None and not bool(valid.all())):
             attn_mask = self._mask(valid, 0, T)
+        local_mask = attn_mask
+        if windowed:   # Gemma 2/3: a local layer's query sees keys less than `sliding_window` positions back
+            local_mask = attn_mask & ((pos[:, None, :, None] - key_pos[:, None, None, :]) < cfg.sliding_window)
+        masks = (attn_mask, local_mask)          # indexed by Block.local
 
         x = embeds
-        rope = None
+        ropes = (None, None)
         if self.pos_emb is not None:
             x = x + self.pos_emb(pos)
         else:
-            freqs = pos[..., None].float() * self.inv_freq                # [B, T, hd/2]
-            emb = torch.cat((freqs, freqs), dim=-1)[:, None]                # [B, 1, T, hd]
-            rope = (emb.cos().to(x.dtype), emb.sin().to(x.dtype))
-        for i, block in enumerate(self.blocks):
-            x = block(x, rope, attn_mask, cache, i, start)
+            ropes = (self._rope(pos, self.inv_freq, x.dtype),) * 2
+            if cfg.rope_local_theta is not None:
+                ropes = (ropes[0], self._rope(pos, self.inv_freq_local, x.dtype))
+        for block in self.blocks:
+            x = block(x, ropes, masks, cache, start)
         if cache is not None:
             cache.length += T
         return self.norm_f(x)
+
+    @staticmethod
+    def _rope(pos: torch.Tensor, inv_freq: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = pos[..., None].float() * inv_freq                      # [B, T, hd/2]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]                # [B, 1, T, hd]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
 
     @staticmethod
     def _mask(key_valid: torch.Tensor, start: int, T: int) -> torch.Tensor:
@@ -373,7 +500,15 @@ def hf_names(cfg: ModelConfig) -> dict[str, tuple[str, ...]]:
         for i in range(cfg.n_layer):
             p, h = f"blocks.{i}.", f"model.layers.{i}."
             m[f"{p}norm1.weight"] = (f"{h}input_layernorm.weight",)
-            m[f"{p}norm2.weight"] = (f"{h}post_attention_layernorm.weight",)
+            if cfg.sandwich_norm:    # Gemma 2/3: post_attention_layernorm is the norm AFTER attention
+                m[f"{p}post_attn_norm.weight"] = (f"{h}post_attention_layernorm.weight",)
+                m[f"{p}norm2.weight"] = (f"{h}pre_feedforward_layernorm.weight",)
+                m[f"{p}post_mlp_norm.weight"] = (f"{h}post_feedforward_layernorm.weight",)
+            else:
+                m[f"{p}norm2.weight"] = (f"{h}post_attention_layernorm.weight",)
+            if cfg.qk_norm:
+                m[f"{p}attn.q_norm.weight"] = (f"{h}self_attn.q_norm.weight",)
+                m[f"{p}attn.k_norm.weight"] = (f"{h}self_attn.k_norm.weight",)
             for ours, theirs, has_bias in [("q", "q_proj", cfg.qkv_bias), ("k", "k_proj", cfg.qkv_bias),
                                            ("v", "v_proj", cfg.qkv_bias), ("o", "o_proj", cfg.o_bias)]:
                 m[f"{p}attn.{ours}.weight"] = (f"{h}self_attn.{theirs}.weight",)
@@ -414,6 +549,9 @@ def convert_hf_state(cfg: ModelConfig, hf_state: dict[str, torch.Tensor], where:
     """Map a Hugging Face state dict onto our names, checking every tensor is there and fits."""
     # GPT-2 files come with or without the "transformer." prefix, and carry attention-mask buffers.
     hf_state = {k.removeprefix("transformer."): v for k, v in hf_state.items()}
+    if any("language_model." in k for k in hf_state):   # a multimodal Gemma 3 file: its text part
+        hf_state = {k.replace("model.language_model.", "model.").replace("language_model.", ""): v
+                    for k, v in hf_state.items() if "language_model." in k}
     ignorable = lambda k: k.endswith((".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")) \
         or (k == "lm_head.weight" and cfg.tie_embeddings)
     used, out = set(), {}
@@ -446,8 +584,10 @@ def build_model(cfg: ModelConfig, hf_state: dict[str, torch.Tensor], where: str,
             raise ModelError(f"{where}: tensor '{hf}' has shape {list(t.shape)}, "
                              f"expected {list(expected[name])} from config.json")
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True)
-    if cfg.arch == "llama":  # a non-persistent buffer: rebuild it off the meta device
+    if cfg.arch != "gpt2":  # non-persistent buffers: rebuild them off the meta device
         model.inv_freq = rope_inv_freq(cfg)
+        if cfg.rope_local_theta is not None:
+            model.inv_freq_local = rope_inv_freq(cfg, local=True)
     return model.to(device).eval().requires_grad_(False)
 
 
