@@ -310,9 +310,9 @@ class SentencePieceBPE(Tokenizer):
       merge: the UTF-8 prefixes of multi-byte characters get the lowest ranks, the characters the
       next ones, then every merged token at the position of its first merge in `merges`. So ranks
       are not ids: a table maps rank -> id.
-    - A character outside the vocabulary never completes; its bytes (a prefix part and/or loose
-      bytes, which no rank can extend) are turned into <0xNN> byte-fallback ids afterwards, as
-      the reference does. They never merge with neighbours, as in the reference.
+    - A character outside the alphabet never completes; its bytes (a prefix part and/or loose
+      bytes) become <0xNN> byte-fallback ids afterwards, as in the reference. No rank extends them:
+      prefixes only complete characters, and tokens containing such a character get no rank.
     - No pre-tokenizer: the text between added tokens is one piece, with " " replaced by "▁".
     - Added tokens (control and user-defined ones like "\n" or "<start_of_turn>") are cut out of
       the raw text first, as the base class does.
@@ -326,7 +326,8 @@ class SentencePieceBPE(Tokenizer):
         char_bytes = {c.encode() for c in chars}
         fallback = {bytes([b]) for b in range(256)} | {c.encode()[:k] for c in chars for k in range(1, len(c.encode()))}
         order = sorted(fallback - char_bytes) + sorted(char_bytes)
-        merged = sorted((r, t) for t, r in merge_rank.items() if len(t) > 1 and t in vocab)
+        # A token with a character outside the alphabet is unreachable: that character is bytes.
+        merged = sorted((r, t) for t, r in merge_rank.items() if len(t) > 1 and t in vocab and chars.issuperset(t))
         order += [t.encode() for _, t in merged]
         ranks = {b: r for r, b in enumerate(order)}
         self._n_fallback = len(fallback - char_bytes)
