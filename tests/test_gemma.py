@@ -274,7 +274,8 @@ def test_gemma3_270m_tokenizer_equals_transformers_gguf_tokenizer(gemma270m):
 @needs_gemma
 def test_gemma3_270m_logits_equal_transformers_gguf(gemma270m):
     """Our conversion (dequantize, norms - 1, q/k as stored) against transformers reading the same
-    GGUF, on 300 tokens past the 512-token window of the local layers. Measured: identical (0.0)."""
+    GGUF, on a sentence and 600 random tokens, past the 512-token window of the local layers.
+    Measured: identical (max abs difference 0.0)."""
     from transformers import AutoModelForCausalLM
     model, tok, gguf = gemma270m
     hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
