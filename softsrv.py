@@ -277,13 +277,16 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
 @torch.no_grad()
 def sample(model: Transformer, prefix_embeds: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
            top_k: int = 0, top_p: float = 1.0, eos_id: int | None = None,
-           generator: torch.Generator | None = None, attention_mask: torch.Tensor | None = None) -> list[list[int]]:
+           generator: torch.Generator | None = None, attention_mask: torch.Tensor | None = None,
+           stop=None) -> list[list[int]]:
     """x' ~ H(P): prefill the prompts [B, t, d] into a KV cache, then decode one token at a time.
 
     The prompt is only embeddings (for SoftSRV, no text tokens at all). temperature 0 is greedy.
     Each row stops at its own EOS (not included in its output) and leaves the batch, so finished
     rows cost nothing. A left-padded batch of text prompts passes attention_mask [B, t]. The
-    generator must live on the model's device.
+    generator must live on the model's device. `stop(tokens so far) -> bool`, checked per row after
+    each token, ends that row too (its last token kept): e.g. when a few-shot answer starts the next
+    "Question:".
     """
     B, t, _ = prefix_embeds.shape
     cache = model.new_cache(B, t + max_new_tokens)
@@ -302,6 +305,8 @@ def sample(model: Transformer, prefix_embeds: torch.Tensor, max_new_tokens: int,
         for i, tk, end in zip(alive, toks, ended):
             if not end:
                 out[i].append(tk)
+        if stop is not None:
+            ended = [end or stop(out[i]) for i, end in zip(alive, ended)]
         if any(ended):
             alive = [i for i, end in zip(alive, ended) if not end]
             if not alive:
@@ -314,10 +319,44 @@ def sample(model: Transformer, prefix_embeds: torch.Tensor, max_new_tokens: int,
     return out
 
 
+def generate_from_ids(model: Transformer, prompts: list[list[int]], max_new_tokens: int, eos_id: int | None,
+                      temperature: float = 0.0, top_p: float = 1.0, stop=None, batch_size: int = 16,
+                      seed: int = 0, progress: bool = False) -> list[list[int]]:
+    """The project's sampler for *text* prompts: token-id prompts -> generated ids, in input order.
+
+    Prompts are sorted by length and cut into batches (less padding), each batch left-padded so all
+    rows decode at the same cache slot, and run through `sample` (KV cache). Batch b samples with
+    the seed (seed, b), so a run is reproducible for a fixed batch size. EOS is not included.
+    """
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("generate_from_ids: empty prompt (at least one token needed)")
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: list[list[int]] = [[] for _ in prompts]
+    dev = model.device
+    bar = tqdm(total=len(prompts), desc="generate", unit="prompt", disable=not progress, leave=False)
+    for b, s in enumerate(range(0, len(order), batch_size)):
+        rows = order[s:s + batch_size]
+        T = max(len(prompts[i]) for i in rows)
+        ids = torch.zeros(len(rows), T, dtype=torch.long)
+        mask = torch.zeros(len(rows), T, dtype=torch.bool)
+        for r, i in enumerate(rows):
+            ids[r, T - len(prompts[i]):] = torch.tensor(prompts[i])
+            mask[r, T - len(prompts[i]):] = True
+        g = torch.Generator(device=dev).manual_seed(seed * 1_000_003 + b)
+        gen = sample(model, model.embed(ids.to(dev)), max_new_tokens, temperature=temperature, top_p=top_p,
+                     eos_id=eos_id, generator=g, attention_mask=mask.to(dev), stop=stop)
+        for i, toks in zip(rows, gen):
+            out[i] = toks
+        bar.update(len(rows))
+    bar.close()
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # Context vectors, computed once per (encoder, dataset) and cached
 
-def context_vectors(encoder: ContextEncoder, encoder_name: str, texts: list[str], data_fp: str) -> torch.Tensor:
+def context_vectors(encoder: ContextEncoder, encoder_name: str, texts: list[str], data_fp: str,
+                    progress: bool = True) -> torch.Tensor:
     """z_i = E(x_i) for every text, read from the cache when this encoder already embedded this data."""
     key = hashlib.sha256(f"{encoder_name}|{encoder.max_tokens}|{encoder.model.dtype}|{data_fp}".encode()).hexdigest()[:20]
     path = CACHE_DIR / "contexts" / f"{key}.safetensors"
@@ -325,7 +364,7 @@ def context_vectors(encoder: ContextEncoder, encoder_name: str, texts: list[str]
         z = load_file(str(path))["z"]
         if z.shape[0] == len(texts):
             return z
-    z = encoder(texts, progress=True)
+    z = encoder(texts, progress=progress)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     save_file({"z": z.contiguous()}, str(tmp))
@@ -356,16 +395,20 @@ def save_checkpoint(out_dir, prompt: SoftPrompt, config: dict, step: int,
     meta = {"step": str(step)}
     theta = {k: v.detach().contiguous().cpu() for k, v in prompt.state_dict().items()}
     _atomic_write(out / CKPT_THETA, lambda p: save_file(theta, str(p), metadata=meta))
-    opt_groups = None
-    if optimizer is not None:
-        sd = optimizer.state_dict()
-        state = {f"{i}.{k}": v.contiguous().cpu() for i, s in sd["state"].items() for k, v in s.items()}
-        _atomic_write(out / CKPT_STATE, lambda p: save_file(state, str(p), metadata=meta))
-        opt_groups = sd["param_groups"]
+    opt_groups = save_optimizer_state(out, optimizer, step) if optimizer is not None else None
     record = {**config, "step": step, "optimizer_param_groups": opt_groups,
               "soft_prompt": {"kind": prompt.kind, "t": prompt.t, "d": prompt.d, "d_e": prompt.d_e,
                               "k": getattr(prompt, "k", None), "hidden": getattr(prompt, "hidden", None)}}
     _atomic_write(out / CKPT_CONFIG, lambda p: p.write_text(json.dumps(record, indent=2)))
+
+
+def save_optimizer_state(out_dir, optimizer: torch.optim.Optimizer, step: int) -> list[dict]:
+    """The optimizer's tensors as safetensors (tagged with the step); returns its param_groups,
+    which go into the checkpoint's JSON (load_optimizer_state reads both)."""
+    sd = optimizer.state_dict()
+    state = {f"{i}.{k}": v.contiguous().cpu() for i, s in sd["state"].items() for k, v in s.items()}
+    _atomic_write(Path(out_dir) / CKPT_STATE, lambda p: save_file(state, str(p), metadata={"step": str(step)}))
+    return sd["param_groups"]
 
 
 def _check_step(path: Path, step: int):

@@ -1,0 +1,205 @@
+"""eval.py: answer extraction, the qa format, answer loss, BoolQ scoring, batched generation, the CLI."""
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import data
+import eval as ev
+from conftest import has_package
+from model import load_model, load_tokenizer
+from softsrv import generate_from_ids, sample
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_backbone):
+    return load_model(tiny_backbone), load_tokenizer(tiny_backbone)
+
+
+# --- GSM8K answer extraction -------------------------------------------------------------------
+
+@pytest.mark.parametrize("completion, expected", [
+    ("She makes 9 * 2 = $18 every day.\n#### 18", 18),
+    ("#### 1,234", 1234),
+    ("The total is $1,234.50.", 1234.5),
+    ("So he has 5.00 dollars left", 5),
+    ("The temperature drops to -7 degrees. That is the answer.", -7),
+    ("It costs -$3 in the end", -3),
+    ("10 - 3 = 7 apples remain", 7),
+    ("#### 42\n\nNote: 5 more questions follow", 42),      # the #### answer wins over trailing numbers
+    ("#### none\nso it is 12", 12),                          # no number after ####: the last one
+    ("I do not know.", None),
+    ("", None),
+    ("Answer: 3.", 3),
+])
+def test_gsm8k_extract(completion, expected):
+    got = ev.gsm8k_extract(completion)
+    assert got == expected if expected is None else ev._same_number(got, expected)
+
+
+def test_gsm8k_reference_and_prompt():
+    ex = data.Example("Q1?", "gsm8k/train/0", "2 + 2 = <<2+2=4>>4\n#### 1,004")
+    assert ev.gsm8k_reference(ex.answer) == 1004
+    prompt = ev.gsm8k_prompt([ex], "Q2?")
+    assert prompt == "Question: Q1?\nAnswer: 2 + 2 = 4\n#### 1,004\n\nQuestion: Q2?\nAnswer:"
+
+
+def test_normalize_answer_for_triviaqa():
+    assert ev.normalize_answer("The  Beatles!") == ev.normalize_answer("beatles") == "beatles"
+    assert ev.normalize_answer("A Tale of Two Cities") == "tale of two cities"
+
+
+# --- the qa format -----------------------------------------------------------------------------
+
+def test_qa_format_round_trip_chat(tiny):
+    _, tok = tiny
+    assert tok.chat_template
+    q, a = "What is 2+2?", "It is 4."
+    ids = ev.qa_prompt_ids(tok, q) + ev.qa_answer_ids(tok, a)
+    full = tok.apply_chat_template([{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+                                   add_generation_prompt=False)
+    assert ids[-1] == tok.eos_id
+    assert tok.decode(ids) == full.rstrip("\n")        # the template's turn ends with EOS then "\n"
+    assert tok.decode(ev.qa_prompt_ids(tok, q)).endswith("assistant\n")
+
+
+def test_qa_format_round_trip_plain(tiny):
+    tok = copy.copy(tiny[1])
+    tok.chat_template = None
+    ids = ev.qa_prompt_ids(tok, "What is 2+2?") + ev.qa_answer_ids(tok, "4")
+    assert tok.decode(ids[:-1]) == "Question: What is 2+2?\nAnswer: 4" and ids[-1] == tok.eos_id
+
+
+# --- log-likelihoods ---------------------------------------------------------------------------
+
+PAIRS = [("What is 2+2?", "4"), ("Name a colour.", "Blue, like the sky."),
+         ("Tell me a long story about a fox.", "Once upon a time a fox lived in the woods near a river.")]
+
+
+def test_answer_loss_equals_direct_computation(tiny):
+    model, tok = tiny
+    got = ev.answer_loss(model, tok, PAIRS, batch_size=2, progress=False)
+    total, count = 0.0, 0
+    for (q, a), item in zip(PAIRS, got["per_item"]):
+        p, ans = ev.qa_prompt_ids(tok, q), ev.qa_answer_ids(tok, a)
+        logits = model(model.embed(torch.tensor([p + ans])))[0].float()
+        ce = F.cross_entropy(logits[len(p) - 1:-1], torch.tensor(ans), reduction="sum").item()
+        assert item["tokens"] == len(ans) and item["loss"] == pytest.approx(ce / len(ans), rel=1e-4)
+        total, count = total + ce, count + len(ans)
+    assert got["tokens"] == count and got["loss"] == pytest.approx(total / count, rel=1e-4)
+
+
+def test_answer_loss_truncates_to_max_tokens(tiny):
+    model, tok = tiny
+    got = ev.answer_loss(model, tok, PAIRS[2:], max_tokens=40, progress=False)
+    p = ev.qa_prompt_ids(tok, PAIRS[2][0])
+    assert got["per_item"][0]["truncated"] and got["tokens"] == 40 - len(p)
+
+
+def test_boolq_scoring_matches_direct_logits(tiny):
+    model, tok = tiny
+    items = data.load_examples("boolq", "dev", limit=3)
+    records = ev.run_boolq(model, tok, items, [], batch_size=2)
+    yes, no = tok.encode(" yes"), tok.encode(" no")
+    assert len(yes) == len(no) == 1
+    for e, r in zip(items, records):
+        logits = model(model.embed(torch.tensor([tok.encode(ev.boolq_context(e))])))[0, -1].float()
+        lp = logits.log_softmax(-1)
+        assert r["logprobs"]["true"] == pytest.approx(lp[yes[0]].item(), abs=1e-4)
+        assert r["logprobs"]["false"] == pytest.approx(lp[no[0]].item(), abs=1e-4)
+        assert r["correct"] == (r["prediction"] == e.answer)
+        assert r["prediction"] == ("true" if lp[yes[0]] > lp[no[0]] else "false")
+
+
+def test_multi_token_choices_equal_continuation_nll(tiny):
+    model, tok = tiny
+    ctxs = [tok.encode("The sky is"), tok.encode("Grass is usually")]
+    choices = [tok.encode(" blue today"), tok.encode(" green")]
+    lp = ev.choice_logprobs(model, ctxs, choices)
+    for i, c in enumerate(ctxs):
+        for j, ch in enumerate(choices):
+            logits = model(model.embed(torch.tensor([c + ch])))[0].float()
+            direct = logits[len(c) - 1:-1].log_softmax(-1)[torch.arange(len(ch)), torch.tensor(ch)].sum()
+            assert lp[i, j].item() == pytest.approx(direct.item(), abs=1e-4)
+
+
+# --- batched generation ------------------------------------------------------------------------
+
+def test_generate_from_ids_equals_one_by_one_greedy(tiny):
+    model, tok = tiny
+    prompts = [tok.encode(t) for t in ["Hello", "A much longer prompt than the first one, with commas",
+                                       "Middle-sized prompt here", "x"]]
+    batched = generate_from_ids(model, prompts, 10, eos_id=None, batch_size=3)
+    alone = [sample(model, model.embed(torch.tensor([p])), 10, temperature=0)[0] for p in prompts]
+    assert batched == alone and all(len(b) == 10 for b in batched)
+
+
+def test_stop_callback_stops_rows(tiny):
+    model, tok = tiny
+    prompts = [tok.encode("Hello"), tok.encode("Another prompt")]
+    free = generate_from_ids(model, prompts, 12, eos_id=None)
+    target = free[0][4]                             # row 0 must stop right after its 5th token
+    stopped = generate_from_ids(model, prompts, 12, eos_id=None, stop=lambda ids: ids[-1] == target)
+    for row, full in zip(stopped, free):
+        assert row == (full[: full.index(target) + 1] if target in full else full)
+    assert len(stopped[0]) <= 5
+
+
+def test_stop_on_strings(tiny):
+    _, tok = tiny
+    stop = ev.stop_on(tok, ["Question:"])
+    assert stop(tok.encode("x = 3\n#### 3\n\nQuestion:")) and not stop(tok.encode("#### 3\n\n"))
+    assert ev.cut_at("#### 3\n\nQuestion: next", ["Question:"]) == "#### 3\n\n"
+
+
+# --- the CLI -----------------------------------------------------------------------------------
+
+def test_gsm8k_end_to_end(tiny_backbone, tmp_path, capsys):
+    out = tmp_path / "gsm8k.json"
+    summary = ev.main(["task", "gsm8k", "--model", str(tiny_backbone), "--limit", "4", "--shots", "2",
+                       "--out", str(out), "--dtype", "fp32"])
+    written = json.loads(out.read_text())
+    assert written["summary"] == summary
+    assert summary["task"] == "gsm8k" and summary["n"] == 4 and summary["shots"] == 2
+    assert summary["metric"] == "pass@1" and 0 <= summary["score"] <= 1
+    assert summary["answer_loss"] > 5      # a random model: near log(49152) = 10.8 nats/token
+    heldout = data.load_examples("gsm8k", "test", limit=4)
+    assert [r["id"] for r in written["items"]] == [e.id for e in heldout]
+    for r, e in zip(written["items"], heldout):
+        assert r["reference"] == float(e.meta["short_answer"].replace(",", ""))
+        assert "Question:" not in r["completion"] and r["answer_tokens"] > 0
+    assert "eval gsm8k: answer loss" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not has_package("sandbox"), reason="sandbox.py (task A) not merged yet")
+def test_mbpp_end_to_end(tiny_backbone, tmp_path, monkeypatch):
+    """A random model's code fails its tests; the reference code, put in as the completion, passes."""
+    out = tmp_path / "mbpp.json"
+    summary = ev.main(["task", "mbpp", "--model", str(tiny_backbone), "--limit", "2", "--shots", "1",
+                       "--out", str(out), "--dtype", "fp32"])
+    assert summary["n"] == 2 and summary["score"] == 0.0 and summary["answer_loss"] > 0
+    items = data.load_examples("mbpp", "test", limit=2)
+    gold = {e.text: e.answer for e in items}
+    monkeypatch.setattr(ev, "generate_from_ids", lambda model, prompts, *a, **k: [
+        model_tok.encode(next(c for q, c in gold.items() if q in model_tok.decode(p)) + "\n[DONE]")
+        for p in prompts])
+    model_tok = load_tokenizer(tiny_backbone)
+    summary = ev.main(["task", "mbpp", "--model", str(tiny_backbone), "--limit", "2", "--shots", "0",
+                       "--out", str(out), "--dtype", "fp32"])
+    assert summary["score"] == 1.0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["task", "nosuchtask"], "invalid choice"),
+    (["task", "gsm8k", "--model", "/nonexistent/model", "--limit", "1"], "error: /nonexistent/model"),
+    (["task", "humaneval", "--shots", "2"], "error: --shots 2: humaneval has no train fold"),
+    (["task", "gsm8k", "--limit", "0"], "error: need --shots >= 0"),
+])
+def test_bad_input_is_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        ev.main(argv)
+    err = str(e.value.code) if e.value.code not in (None, 2) else capsys.readouterr().err
+    assert message in err.strip().splitlines()[-1]           # argparse prints its usage first
+    assert "Traceback" not in err and (e.value.code == 2 or len(err.strip().splitlines()) == 1)
