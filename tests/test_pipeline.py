@@ -129,3 +129,27 @@ def test_other_settings_and_bad_input_are_one_line(tiny_backbone, tmp_path, caps
         pl.main(["--method", "pt", "--preset", "tiny", "--generator", str(tmp_path / "missing"),
                  "--out", str(tmp_path / "m")])
     assert "missing" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_self_refine_stops_on_stop_and_keeps_refining_the_rest(tiny_backbone, tmp_path, monkeypatch):
+    """PT_SR (Fig. 11): a question is final once the refiner says 'Stop'; the others are replaced by
+    the refined text, round after round, up to sr_rounds; an empty refinement keeps the question."""
+    cfg = tiny_cfg(tiny_backbone, "pt_sr", sr_rounds=2)
+    run = pl.Run(cfg, tmp_path / "sr")
+    prompts = []
+
+    def fake_complete(model, tok, texts, cfg, seed, chat=True, max_new=None, stop=None):
+        prompts.extend(texts)
+        if texts[0].startswith("Please provide actionable feedback"):
+            return ["clear and original"] * len(texts)
+        out = []
+        for t in texts:
+            q = t.split("Question: ", 1)[1].split(" Critique:", 1)[0]
+            out.append("\u2019Stop\u2019" if q.startswith("keep") else "" if q.startswith("empty") else q + "+")
+        return out
+    monkeypatch.setattr(pl, "_complete", fake_complete)
+    final, stats = pl.refine_sr(run, ["keep me", "fix me", "empty one"])
+    assert final == ["keep me", "fix me++", "empty one"]
+    assert stats["rounds"] == [{"round": 1, "questions": 3, "stopped": 1, "empty_kept": 1, "refined": 1},
+                               {"round": 2, "questions": 2, "stopped": 0, "empty_kept": 1, "refined": 1}]
+    assert any("Critique: clear and original If the critique is strongly positive" in p for p in prompts)
