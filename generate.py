@@ -6,6 +6,11 @@ Sample i uses the training example (i mod n_train) as its context: z = E(x), x' 
 round-robin over the train fold as in Appendix A.2 (SS_NP ignores the context). No text prompt of
 any kind goes into H. Output is JSONL, one sample a line; re-running the same command after an
 interruption appends only the missing samples (batch b is always drawn with seed (seed, b)).
+
+    torchrun --nproc_per_node=2 generate.py --ckpt out/ss_mc --n 1000
+
+Under torchrun each rank decodes its own share of the missing batches; rank 0 gathers every round
+and writes the one JSONL in batch order, the same file a single process writes.
 """
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ from tqdm import tqdm
 import data
 from model import load_model, load_tokenizer
 from softsrv import ContextEncoder, context_vectors, load_checkpoint, sample
-from train import TrainConfig, dtype_of, load_training_data
+from train import TrainConfig, dtype_of, init_distributed, load_training_data, rank0_first
 
 
 def generate(ckpt: str, n: int, out: str | None = None, temperature: float = 1.0, top_p: float = 1.0,
@@ -29,7 +34,7 @@ def generate(ckpt: str, n: int, out: str | None = None, temperature: float = 1.0
     cfg = TrainConfig(**record["config"])
     out_path = Path(out) if out else Path(ckpt) / "samples.jsonl"
     max_new_tokens = max_new_tokens or cfg.max_tokens
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rank, world, device = init_distributed()
 
     # What is already there: only complete records with a matching setup count as done.
     settings = {"checkpoint": str(ckpt), "step": record["step"], "temperature": temperature, "top_p": top_p,
@@ -44,36 +49,52 @@ def generate(ckpt: str, n: int, out: str | None = None, temperature: float = 1.0
             done.add(r["index"])
     todo = [b for b in range(0, n, batch_size) if any(i not in done for i in range(b, min(n, b + batch_size)))]
     if not todo:
-        print(f"{out_path}: all {n} samples already there")
+        if rank == 0:
+            print(f"{out_path}: all {n} samples already there")
         return out_path
 
     train_ex, held_ex = load_training_data(cfg)
     if data.fingerprint(train_ex) != record["data_fingerprint"]:
         raise ValueError(f"--data {cfg.data}: not the data {ckpt} was trained on (fingerprint changed)")
-    backbone = load_model(cfg.model, dtype=dtype_of(dtype or cfg.dtype), device=device)
-    tok = load_tokenizer(cfg.model)
-    enc_model = backbone if cfg.embed_model == cfg.model else load_model(cfg.embed_model, dtype=backbone.dtype, device=device)
-    encoder = ContextEncoder(enc_model, tok if enc_model is backbone else load_tokenizer(cfg.embed_model))
-    all_ex = train_ex + held_ex        # the same list train.py embedded, so the cached z is reused
-    z = context_vectors(encoder, cfg.embed_model, [e.text for e in all_ex], data.fingerprint(all_ex))[: len(train_ex)]
+    with rank0_first(rank, world):     # a first run converts the model and embeds the data once
+        backbone = load_model(cfg.model, dtype=dtype_of(dtype or cfg.dtype), device=device)
+        tok = load_tokenizer(cfg.model)
+        enc_model = backbone if cfg.embed_model == cfg.model else load_model(cfg.embed_model, dtype=backbone.dtype, device=device)
+        encoder = ContextEncoder(enc_model, tok if enc_model is backbone else load_tokenizer(cfg.embed_model))
+        all_ex = train_ex + held_ex    # the same list train.py embedded, so the cached z is reused
+        z = context_vectors(encoder, cfg.embed_model, [e.text for e in all_ex], data.fingerprint(all_ex))[: len(train_ex)]
     prompt = prompt.to(device).eval()
 
-    bar = tqdm(total=n, initial=len(done), desc=f"{record['method']} samples", unit="sample")
-    for b in todo:
+    def batch_records(b: int) -> list[dict]:
         idx = list(range(b, min(n, b + batch_size)))
         ctx = [i % len(train_ex) for i in idx]                        # round-robin over the train fold
         g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + b // batch_size)
         with torch.no_grad():
             rows = sample(backbone, prompt(z[ctx].to(device)), max_new_tokens, temperature=temperature,
                           top_k=top_k, top_p=top_p, eos_id=tok.eos_id, generator=g)
-        records = [{"text": tok.decode(ids).strip(), "index": i, "context_id": train_ex[c].id,
-                    "context_text": train_ex[c].text,
-                    "method": record["method"], "n_tokens": len(ids), "finished": len(ids) < max_new_tokens,
-                    **settings} for i, c, ids in zip(idx, ctx, rows) if i not in done]
-        data.write_jsonl(out_path, records, append=True)
-        bar.update(len(records))
+        return [{"text": tok.decode(ids).strip(), "index": i, "context_id": train_ex[c].id,
+                 "context_text": train_ex[c].text,
+                 "method": record["method"], "n_tokens": len(ids), "finished": len(ids) < max_new_tokens,
+                 **settings} for i, c, ids in zip(idx, ctx, rows) if i not in done]
+
+    bar = tqdm(total=n, initial=len(done), desc=f"{record['method']} samples", unit="sample", disable=rank != 0)
+    # Round r: rank k decodes todo[r * world + k]; rank 0 writes the round's batches in order, so the
+    # file is the one-process file, and an interrupted run resumes from whole rounds already written.
+    for r in range(0, len(todo), world):
+        mine = batch_records(todo[r + rank]) if r + rank < len(todo) else []
+        rounds = [mine]
+        if world > 1:
+            rounds = [None] * world
+            torch.distributed.all_gather_object(rounds, mine)
+        if rank == 0:
+            records = [rec for part in rounds for rec in part]
+            data.write_jsonl(out_path, records, append=True)
+            bar.update(len(records))
     bar.close()
-    print(f"wrote {out_path}")
+    if world > 1:
+        torch.distributed.barrier()   # no rank returns before the file is complete
+    if rank == 0:
+        print(f"wrote {out_path}")
     return out_path
 
 
@@ -81,7 +102,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--ckpt", default="out/ss_mc", help="checkpoint folder written by train.py (default out/ss_mc)")
-    a("--n", type=int, default=100, help="number of samples to generate (default 100)")
+    a("--n", "--num-samples", dest="n", type=int, default=100,
+      help="number of samples to generate (default 100); under torchrun spell it --num-samples, "
+           "since torchrun's own parser takes --n for one of its options")
     a("--out", help="output JSONL (default <ckpt>/samples.jsonl); an existing file is completed, not redone")
     a("--temperature", type=float, default=1.0, help="sampling temperature; the paper uses 1 for SoftSRV; 0 = greedy (default 1.0)")
     a("--top-p", type=float, default=1.0, help="nucleus sampling: keep the smallest token set with this mass (default 1.0 = off)")
@@ -100,6 +123,9 @@ def main(argv=None):
                  args.max_new_tokens, args.seed, args.dtype)
     except ValueError as e:
         sys.exit(f"error: {e}")
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
     python train.py                              # SS_MC on GSM8K questions, offline default model
     python train.py --param np --out out/ss_np   # the non-contextual baseline
     python train.py --preset paper               # the paper's settings (TPU-scale: days on a CPU)
+    torchrun --nproc_per_node=2 train.py ...     # data-parallel over θ (README: Performance)
 
 Loop: z_i = E(x_i) is computed once and cached; each step draws a batch, builds P_θ(z_i), and
 minimizes the causal cross-entropy of x_i given P_θ(z_i) as the only prefix of the frozen H.
@@ -11,12 +12,16 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import data
@@ -68,6 +73,42 @@ class TrainConfig:
     preset: str = "cpu"
 
 
+# ----------------------------------------------------------------------------------------------
+# torchrun: one process per rank, each with its own frozen backbone; only θ is synchronized.
+
+def init_distributed() -> tuple[int, int, str]:
+    """(rank, world size, device) of this process. Under torchrun (WORLD_SIZE > 1) joins the
+    process group: gloo on CPUs, nccl on GPUs with one GPU per rank (LOCAL_RANK)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    if world == 1:
+        return 0, 1, "cuda" if cuda else "cpu"
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if cuda:
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size(), f"cuda:{local}" if cuda else "cpu"
+
+
+@contextmanager
+def rank0_first(rank: int, world: int):
+    """Rank 0 runs the block first (conversions and caches are written once), then the others read."""
+    if world > 1 and rank != 0:
+        dist.barrier()
+    yield
+    if world > 1 and rank == 0:
+        dist.barrier()
+
+
+def all_sum(world: int, *xs: float) -> list[float]:
+    if world == 1:
+        return list(xs)
+    t = torch.tensor(xs, dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
 def make_optimizer(prompt, cfg: TrainConfig) -> torch.optim.Optimizer:
     """AdamW (= Adam where the decay is 0: everything but SS_MP's deviations D)."""
     return torch.optim.AdamW(prompt.param_groups(cfg.mp_decay), lr=cfg.lr)
@@ -98,16 +139,23 @@ def batch_indices(cfg: TrainConfig, step: int, lengths: list[int]) -> list[int]:
 
 
 @torch.no_grad()
-def heldout_loss(backbone, prompt, z, token_lists, eos_id, cfg: TrainConfig) -> float:
-    """Reconstruction loss per token on held-out examples: Σ ℓ / Σ tokens (batched by length)."""
+def heldout_loss(backbone, prompt, z, token_lists, eos_id, cfg: TrainConfig, n_bytes: int,
+                 rank: int = 0, world: int = 1) -> tuple[float, float]:
+    """Reconstruction loss on held-out examples: per token (Σ ℓ / Σ tokens, batched by length) and
+    in bits per byte, Σ ℓ / (ln 2 · n_bytes), which compares backbones with different tokenizers.
+    n_bytes counts the UTF-8 bytes of the scored text (each example cut at max_tokens); the EOS
+    is scored but adds no byte. Under torchrun each rank takes every world-th batch."""
     order = sorted(range(len(token_lists)), key=lambda i: len(token_lists[i]))
     total, count = 0.0, 0
-    for s in range(0, len(order), 2 * cfg.batch_size):
+    for j, s in enumerate(range(0, len(order), 2 * cfg.batch_size)):
+        if j % world != rank:
+            continue
         rows = order[s:s + 2 * cfg.batch_size]
         targets = pad_targets([token_lists[i] for i in rows], eos_id, cfg.max_tokens, backbone.device)
         loss, n = softsrv_loss(backbone, prompt(z[rows].to(backbone.device)), targets, "sum")
         total, count = total + loss.item(), count + n.item()
-    return total / count
+    total, count = all_sum(world, total, count)
+    return total / count, total / (math.log(2) * n_bytes)
 
 
 def load_training_data(cfg: TrainConfig):
@@ -131,23 +179,28 @@ def train(cfg: TrainConfig, resume: bool = False, show_samples: int = 3) -> dict
     if not resume and has_ckpt:
         raise ValueError(f"--out {cfg.out} already holds a checkpoint; continue it with --resume, "
                          f"or choose another --out")
+    rank, world, device = init_distributed()
+    if cfg.batch_size < world:
+        raise ValueError(f"--batch-size {cfg.batch_size}: smaller than the {world} processes it is split across")
+    log = print if rank == 0 else (lambda *a, **k: None)
     torch.manual_seed(cfg.seed)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     train_ex, held_ex = load_training_data(cfg)
     all_ex = train_ex + held_ex
-    backbone = load_model(cfg.model, dtype=dtype_of(cfg.dtype), device=device)
-    tok = load_tokenizer(cfg.model)
-    if cfg.embed_model == cfg.model:
-        enc_model, enc_tok = backbone, tok          # one copy of the weights serves as H and E
-    else:
-        enc_model = load_model(cfg.embed_model, dtype=dtype_of(cfg.dtype), device=device)
-        enc_tok = load_tokenizer(cfg.embed_model)
-    encoder = ContextEncoder(enc_model, enc_tok)
-    z = context_vectors(encoder, cfg.embed_model, [e.text for e in all_ex], data.fingerprint(all_ex))
+    with rank0_first(rank, world):               # a first run converts the model and embeds the data once
+        backbone = load_model(cfg.model, dtype=dtype_of(cfg.dtype), device=device)
+        tok = load_tokenizer(cfg.model)
+        if cfg.embed_model == cfg.model:
+            enc_model, enc_tok = backbone, tok          # one copy of the weights serves as H and E
+        else:
+            enc_model = load_model(cfg.embed_model, dtype=dtype_of(cfg.dtype), device=device)
+            enc_tok = load_tokenizer(cfg.embed_model)
+        encoder = ContextEncoder(enc_model, enc_tok)
+        z = context_vectors(encoder, cfg.embed_model, [e.text for e in all_ex], data.fingerprint(all_ex))
     z_train, z_held = z[: len(train_ex)], z[len(train_ex):]
     ids_train = [tok.encode(e.text) for e in train_ex]
     ids_held = [tok.encode(e.text) for e in held_ex]
     lengths = [min(len(ids), cfg.max_tokens) for ids in ids_train]
+    bytes_held = sum(len(tok.decode(ids[:cfg.max_tokens]).encode("utf-8")) for ids in ids_held)
 
     record = {"config": asdict(cfg), "backbone": cfg.model, "encoder": cfg.embed_model,
               "data_fingerprint": data.fingerprint(train_ex), "n_train": len(train_ex),
@@ -167,47 +220,61 @@ def train(cfg: TrainConfig, resume: bool = False, show_samples: int = 3) -> dict
         opt = make_optimizer(prompt, cfg)
         load_optimizer_state(cfg.out, opt, saved)
         start, history = saved["step"], saved.get("history", [])
-        print(f"resuming {cfg.out} at step {start}/{cfg.steps}")
+        log(f"resuming {cfg.out} at step {start}/{cfg.steps}")
     else:
         prompt = build_soft_prompt(cfg.param, backbone, encoder.dim, cfg.prompt_len, k=cfg.k, hidden=cfg.hidden,
                                    seed=cfg.seed).to(device)
         prompt.init_from_contexts(z_train.to(device), seed=cfg.seed)
         opt = make_optimizer(prompt, cfg)
+    # DDP averages θ's gradients over the ranks; the backbone is no part of it (frozen, one per rank).
+    ddp = DistributedDataParallel(prompt, broadcast_buffers=False) if world > 1 else prompt
     n_params = sum(p.numel() for p in prompt.parameters())
-    print(f"{record['method']}: t={cfg.prompt_len}, {n_params:,} trainable parameters; backbone {cfg.model} "
+    log(f"{record['method']}: t={cfg.prompt_len}, {n_params:,} trainable parameters; backbone {cfg.model} "
           f"({sum(p.numel() for p in backbone.parameters()):,} frozen); {len(train_ex)} train / "
-          f"{len(held_ex)} held-out examples of {cfg.data}")
+          f"{len(held_ex)} held-out examples of {cfg.data}" + (f"; {world} processes" if world > 1 else ""))
 
     def evaluate(step):
-        loss = heldout_loss(backbone, prompt, z_held, ids_held, tok.eos_id, cfg)
-        history.append({"step": step, "heldout_loss": round(loss, 5)})
-        tqdm.write(f"step {step}: held-out loss per token {loss:.4f}")
+        loss, bpb = heldout_loss(backbone, prompt, z_held, ids_held, tok.eos_id, cfg, bytes_held, rank, world)
+        history.append({"step": step, "heldout_loss": round(loss, 5), "heldout_bpb": round(bpb, 5)})
+        if rank == 0:
+            tqdm.write(f"step {step}: held-out loss per token {loss:.4f}, bits per byte {bpb:.4f}")
         return loss
 
     if start == 0:
         evaluate(0)
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=record["method"], dynamic_ncols=True)
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=record["method"], dynamic_ncols=True,
+               disable=rank != 0)
     t0, seen = time.time(), 0
     for step in bar:
         idx = batch_indices(cfg, step, lengths)
         for g in opt.param_groups:
             g["lr"] = lr_at(cfg, step)
+        # Each rank takes every world-th example of the global batch. Its summed loss over the
+        # global token count, times world (DDP averages), gives exactly the one-process gradient.
+        idx = idx[rank::world]
         targets = pad_targets([ids_train[i] for i in idx], tok.eos_id, cfg.max_tokens, device)
-        loss = softsrv_loss(backbone, prompt(z_train[idx].to(device)), targets)
+        loss_sum, n = softsrv_loss(backbone, ddp(z_train[idx].to(device)), targets, "sum")
+        loss = loss_sum / n if world == 1 else loss_sum * (world / all_sum(world, n.item())[0])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        seen += targets.numel() + len(idx) * cfg.prompt_len
-        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr_at(cfg, step):.1e}",
-                        tok_s=f"{seen / (time.time() - t0):.0f}")
+        seen += (targets.numel() + len(idx) * cfg.prompt_len) * world
+        if rank == 0:
+            bar.set_postfix(loss=f"{loss_sum.item() / n.item():.3f}", lr=f"{lr_at(cfg, step):.1e}",
+                            tok_s=f"{seen / (time.time() - t0):.0f}")
         done = step + 1
         if done % cfg.eval_every == 0 or done == cfg.steps:
             if history[-1]["step"] != done:
                 evaluate(done)
-            save_checkpoint(cfg.out, prompt, {**record, "history": history}, done, opt)
+            if rank == 0:
+                save_checkpoint(cfg.out, prompt, {**record, "history": history}, done, opt)
     bar.close()
     if start >= cfg.steps:
-        print(f"{cfg.out} is already trained to step {start}")
+        log(f"{cfg.out} is already trained to step {start}")
+    if world > 1:
+        dist.barrier()                           # the last checkpoint is complete before any rank returns
+    if rank != 0:
+        return {"history": history, "prompt": prompt}
 
     if show_samples:
         g = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -279,6 +346,9 @@ def main(argv=None):
         train(cfg, resume=resume)
     except ValueError as e:   # user mistakes (bad file, option, checkpoint) are one line, not a traceback
         sys.exit(f"error: {e}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,26 @@
+"""bench.py runs every workload on a tiny model and writes the keys issue 10 asks for (no timing asserted)."""
+import pytest
+
+from conftest import has_package
+
+
+@pytest.mark.skipif(not has_package("transformers"), reason="bench.py compares against transformers")
+def test_bench_quick_smoke(tiny_backbone):
+    import bench
+    cfg = bench.BenchConfig.quick(model=str(tiny_backbone), decode_new=2, finetune_len=96)
+    out = bench.run(cfg, ["fp32", "bf16"], log=lambda *_: None)
+    for k in bench.KEYS + ["matmul_gflops_fp32", "matmul_gflops_bf16", "peak_rss_mb", "cpu_flags", "by_dtype"]:
+        assert k in out, k
+    assert set(out["decode_tok_s"]) == {1, 4} and set(out["by_dtype"]) == {"fp32", "bf16"}
+    assert all(v > 0 for v in out["decode_tok_s"].values()) and out["finetune_tok_s"] > 0
+    assert out["by_dtype"]["bf16"]["train_tok_s"] == out["train_tok_s"]
+    assert "| decode b4 | bf16 |" in bench.table(out)
+
+
+def test_packed_batch_targets_stay_inside_segments():
+    import bench
+    ids, labels, seg = bench.packed_batch(bench.BenchConfig(finetune_rows=2, finetune_len=300), vocab=50)
+    assert int(seg[0].max()) >= 1                         # several examples per row
+    inside = seg[:, 1:] == seg[:, :-1]
+    assert (labels[:, :-1][inside] == ids[:, 1:][inside]).all()
+    assert (labels[:, :-1][~inside] == -100).all() and (labels[:, -1] == -100).all()
