@@ -328,9 +328,11 @@ def _stage(task: str, what: str, t0: float):
 
 
 def evaluate_task(task: str, model: str, limit: int | None = None, shots: int | None = None,
-                  batch_size: int = 8, out: str | None = None, dtype: str = "bf16") -> dict:
+                  batch_size: int = 8, out: str | None = None, dtype: str = "bf16",
+                  loss_only: bool = False) -> dict:
     """Task metric and held-out answer loss of `model` on `task`; writes per-item records and the
-    summary as JSON to `out` (default out/eval/<task>-<model>.json) and returns the summary."""
+    summary as JSON to `out` (default out/eval/<task>-<model>.json) and returns the summary.
+    loss_only skips the task metric (score None): the answer loss alone is cheap, generation is not."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r} (available: {', '.join(TASKS)})")
     split, shot_split, default_shots, metric, run = TASKS[task]
@@ -353,10 +355,13 @@ def evaluate_task(task: str, model: str, limit: int | None = None, shots: int | 
     _stage(task, f"loaded {model} ({dtype}, {device})", t0)
 
     t1 = time.time()
-    records = run(lm, tok, items, demos, batch_size)
-    n_correct = sum(r["correct"] for r in records)
-    score = n_correct / len(records)
-    _stage(task, f"{metric} {score:.4f} ({n_correct}/{len(records)}) in {time.time() - t1:.1f}s", t0)
+    if loss_only:
+        records, n_correct, score = [{"id": e.id, "question": e.text} for e in items], None, None
+    else:
+        records = run(lm, tok, items, demos, batch_size)
+        n_correct = sum(r["correct"] for r in records)
+        score = n_correct / len(records)
+        _stage(task, f"{metric} {score:.4f} ({n_correct}/{len(records)}) in {time.time() - t1:.1f}s", t0)
 
     t1 = time.time()
     al = answer_loss(lm, tok, [(e.text, reference_answer(task, e)) for e in items], batch_size)
@@ -396,10 +401,12 @@ def main(argv=None):
     t.add_argument("--batch-size", type=int, default=8, help="prompts per forward/decode batch (default 8)")
     t.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="model precision (default bf16)")
     t.add_argument("--out", help="output JSON (default out/eval/<task>-<model>.json)")
+    t.add_argument("--loss-only", action="store_true", help="only the held-out answer loss, no task metric "
+                   "(score null; default: both)")
     args = p.parse_args(argv)
     try:
         summary = evaluate_task(args.task, args.model, args.limit, args.shots, args.batch_size, args.out,
-                                args.dtype)
+                                args.dtype, args.loss_only)
     except ValueError as e:
         sys.exit(f"error: {e}")
     print(json.dumps(summary))

@@ -69,10 +69,11 @@ class ContextEncoder:
 # P_θ: the three parameterizations
 
 def sample_vocab_embeddings(backbone: Transformer, n: int, generator: torch.Generator) -> torch.Tensor:
-    """n rows of the backbone's token-embedding table, drawn at random (fp32, [n, d])."""
-    table = backbone.tok_emb.weight
-    idx = torch.randint(0, table.shape[0], (n,), generator=generator)
-    return table[idx.to(table.device)].detach().float().cpu()
+    """I(ids) of n random token ids (fp32, [n, d]): embed() and not raw table rows, so a prompt
+    starts where embedded text lives (Gemma scales the table by sqrt(d), ~25x for Gemma 3 270M)."""
+    idx = torch.randint(0, backbone.cfg.vocab_size, (n,), generator=generator)
+    with torch.no_grad():
+        return backbone.embed(idx.to(backbone.device)[None])[0].float().cpu()
 
 
 class SoftPrompt(nn.Module):

@@ -173,6 +173,21 @@ def test_gsm8k_end_to_end(tiny_backbone, tmp_path, capsys):
     assert "eval gsm8k: answer loss" in capsys.readouterr().out
 
 
+def test_loss_only_and_triviaqa(tiny_backbone, tmp_path):
+    items = data.load_examples("triviaqa", "validation")
+    assert len(items) == 7993          # the fold's size in the package's dataset_info.json
+    assert items[0].text == "Which Lloyd Webber musical premiered in the US on 10th December 1993?"
+    assert items[0].answer == "Sunset Boulevard" and "Sunset Blvd" in items[0].meta["aliases"]
+    out = tmp_path / "t.json"
+    summary = ev.main(["task", "triviaqa", "--model", str(tiny_backbone), "--limit", "3", "--loss-only",
+                       "--out", str(out), "--dtype", "fp32"])
+    assert summary["score"] is None and summary["n"] == 3 and summary["answer_loss"] > 5
+    summary = ev.main(["task", "triviaqa", "--model", str(tiny_backbone), "--limit", "3",
+                       "--out", str(out), "--dtype", "fp32"])
+    recs = json.loads(out.read_text())["items"]
+    assert summary["score"] == 0.0 and all("\n" not in r["prediction"] for r in recs)
+
+
 @pytest.mark.skipif(not has_package("sandbox"), reason="sandbox.py (task A) not merged yet")
 def test_mbpp_end_to_end(tiny_backbone, tmp_path, monkeypatch):
     """A random model's code fails its tests; the reference code, put in as the completion, passes."""
