@@ -192,7 +192,7 @@ def run_gsm8k(model, tok, items, shots, batch_size):
         completion = cut_at(tok.decode(g), GSM8K_STOPS).strip()
         pred, ref = gsm8k_extract(completion), gsm8k_reference(e.answer)
         records.append({"id": e.id, "question": e.text, "reference": ref, "completion": completion,
-                        "prediction": pred, "correct": _same_number(pred, ref)})
+                        "generated_tokens": len(g), "prediction": pred, "correct": _same_number(pred, ref)})
     return records
 
 
@@ -385,7 +385,10 @@ def evaluate_task(task: str, model: str, limit: int | None = None, shots: int | 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["mauve"]:  # MAUVE has its own options (mauve.py); pass them through untouched
-        import mauve
+        try:
+            import mauve
+        except ImportError:
+            sys.exit("error: eval.py mauve needs mauve.py, which is not in this checkout")
         return mauve.cli(argv[1:])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
