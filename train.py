@@ -98,8 +98,11 @@ def batch_indices(cfg: TrainConfig, step: int, lengths: list[int]) -> list[int]:
 
 
 @torch.no_grad()
-def heldout_loss(backbone, prompt, z, token_lists, eos_id, cfg: TrainConfig) -> float:
-    """Reconstruction loss per token on held-out examples: Σ ℓ / Σ tokens (batched by length)."""
+def heldout_loss(backbone, prompt, z, token_lists, eos_id, cfg: TrainConfig, n_bytes: int) -> tuple[float, float]:
+    """Reconstruction loss on held-out examples: per token (Σ ℓ / Σ tokens, batched by length) and
+    in bits per byte, Σ ℓ / (ln 2 · n_bytes), which compares backbones with different tokenizers.
+    n_bytes counts the UTF-8 bytes of the scored text (each example cut at max_tokens); the EOS
+    is scored but adds no byte."""
     order = sorted(range(len(token_lists)), key=lambda i: len(token_lists[i]))
     total, count = 0.0, 0
     for s in range(0, len(order), 2 * cfg.batch_size):
@@ -107,7 +110,7 @@ def heldout_loss(backbone, prompt, z, token_lists, eos_id, cfg: TrainConfig) -> 
         targets = pad_targets([token_lists[i] for i in rows], eos_id, cfg.max_tokens, backbone.device)
         loss, n = softsrv_loss(backbone, prompt(z[rows].to(backbone.device)), targets, "sum")
         total, count = total + loss.item(), count + n.item()
-    return total / count
+    return total / count, total / (math.log(2) * n_bytes)
 
 
 def load_training_data(cfg: TrainConfig):
@@ -148,6 +151,7 @@ def train(cfg: TrainConfig, resume: bool = False, show_samples: int = 3) -> dict
     ids_train = [tok.encode(e.text) for e in train_ex]
     ids_held = [tok.encode(e.text) for e in held_ex]
     lengths = [min(len(ids), cfg.max_tokens) for ids in ids_train]
+    bytes_held = sum(len(tok.decode(ids[:cfg.max_tokens]).encode("utf-8")) for ids in ids_held)
 
     record = {"config": asdict(cfg), "backbone": cfg.model, "encoder": cfg.embed_model,
               "data_fingerprint": data.fingerprint(train_ex), "n_train": len(train_ex),
@@ -179,9 +183,9 @@ def train(cfg: TrainConfig, resume: bool = False, show_samples: int = 3) -> dict
           f"{len(held_ex)} held-out examples of {cfg.data}")
 
     def evaluate(step):
-        loss = heldout_loss(backbone, prompt, z_held, ids_held, tok.eos_id, cfg)
-        history.append({"step": step, "heldout_loss": round(loss, 5)})
-        tqdm.write(f"step {step}: held-out loss per token {loss:.4f}")
+        loss, bpb = heldout_loss(backbone, prompt, z_held, ids_held, tok.eos_id, cfg, bytes_held)
+        history.append({"step": step, "heldout_loss": round(loss, 5), "heldout_bpb": round(bpb, 5)})
+        tqdm.write(f"step {step}: held-out loss per token {loss:.4f}, bits per byte {bpb:.4f}")
         return loss
 
     if start == 0:

@@ -1,0 +1,131 @@
+"""pipeline.py: parsing, dedup, the cluster subsample, decontamination, resuming, and the tiny preset
+end to end on a random backbone (the real steps on tiny data, nothing mocked)."""
+import json
+import pytest
+
+import data
+import pipeline as pl
+from conftest import has_package
+
+
+def test_parse_numbered_list():
+    text = ("How many apples does Tom have?\nQuestion 2: What is 3 + 4?\n\nQuestion 3: A train goes 60 mph.\n"
+            "How far in 2 hours?\n**Question 4:** Last one?")
+    assert pl.parse_numbered(text) == ["How many apples does Tom have?", "What is 3 + 4?",
+                                       "A train goes 60 mph.\nHow far in 2 hours?", "Last one?"]
+    assert pl.parse_numbered("1. First?\n2. Second?") == ["First?", "Second?"]
+    assert pl.parse_numbered("   \n") == []
+    # a number inside a sentence is not a marker
+    assert pl.parse_numbered("Sam has 2. apples? No: 3 apples.") == ["Sam has 2. apples? No: 3 apples."]
+
+
+def test_dedup_keeps_exactly_one_of_each_duplicate():
+    texts = ["a b", "a  b", "c", " a b\n", "d", "c", ""]
+    keep = pl.dedup(texts)
+    assert keep == [0, 2, 4]
+
+
+@pytest.mark.parametrize("n", [1, 7, 30, 59, 60])
+def test_cluster_subsample_returns_n_distinct(n):
+    texts = [f"question {i} about {'apples' if i % 3 else 'trains'} number {i * 7}" for i in range(60)]
+    chosen = pl.cluster_subsample(texts, n, n_clusters=8, dims=5, seed=0)
+    assert len(chosen) == n == len(set(chosen)) and all(0 <= i < 60 for i in chosen)
+
+
+def test_cluster_subsample_round_robin_covers_every_cluster_first():
+    texts = ["apple pie recipe"] * 0 + [f"apple pie {i}" for i in range(20)] + [f"train station {i}" for i in range(3)]
+    chosen = pl.cluster_subsample(texts, 4, n_clusters=2, dims=3, seed=0)
+    assert sum(i >= 20 for i in chosen) >= 1             # the small cluster is not starved
+
+
+def test_decontamination_drops_the_planted_overlap_and_nothing_else():
+    test = ["Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May."]
+    planted = "Yesterday natalia sold clips to 12 of her friends in April and then she sold half as many clips"
+    pairs = [{"question": planted, "answer": "x"},
+             {"question": "How many clips did she sell?", "answer": "She sold 72 clips in April and May."},
+             {"question": "q", "answer": "so " + planted.upper()},      # case and digits do not hide it
+             {"question": "Natalia sold clips to her friends in April and then she sold", "answer": "12 words"}]
+    kept, dropped = pl.decontaminate(pairs, test, 13)
+    assert dropped == [pairs[0], pairs[2]] and kept == [pairs[1], pairs[3]]
+
+
+def test_templates_are_complete():
+    for task, t in pl.TEMPLATES.items():
+        assert set(t) == {"question", "answer", "critique", "refine"}
+        assert "{q}" in t["question"] and "{q}" in t["answer"] and "{c}" in t["refine"]
+        assert "Stop" in t["refine"]
+
+
+def tiny_cfg(backbone, method, **kw):
+    cfg, _ = pl.parse_args(["--task", "gsm8k", "--method", method, "--preset", "tiny", "--generator", str(backbone),
+                            "--answerer", str(backbone), "--student", str(backbone), "--dtype", "fp32"])
+    for k, v in kw.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+@pytest.mark.parametrize("method", ["np", "pt"])
+def test_tiny_preset_end_to_end(tiny_backbone, tmp_path, method, capsys):
+    out = pl.run_pipeline(tiny_cfg(tiny_backbone, method), str(tmp_path / method))
+    state = json.loads((out / "state.json").read_text())
+    steps = ["generate", "answer", "decontam", "finetune", "evaluate"]
+    assert list(state) == (["train"] if method == "np" else []) + steps
+    g = state["generate"]
+    assert g["subsampled"] == min(12, g["unique"]) and g["unique"] <= g["generated"]
+    rows = [json.loads(line) for line in (out / "data.jsonl").read_text().splitlines()]
+    assert len(rows) == state["decontam"]["kept"] > 0
+    assert all(isinstance(r["question"], str) and isinstance(r["answer"], str) for r in rows)
+    if has_package("datasets"):
+        import datasets
+        assert len(datasets.load_dataset("json", data_files=str(out / "data.jsonl"))["train"]) == len(rows)
+    curve = state["evaluate"]["curve"]
+    assert [c["step"] for c in curve] == [0] + state["finetune"]["checkpoints"]
+    assert all(c["answer_loss"] > 0 for c in curve)
+    assert 0 <= state["evaluate"]["mauve"]["test"]["mauve"] <= 1
+    report = (out / "report.md").read_text()
+    assert "## Fine-tuning curve" in report and "MAUVE" in report
+    assert json.loads((out / "report.json").read_text())["steps"] == state
+    # a second run of the same command does nothing again
+    capsys.readouterr()
+    pl.run_pipeline(tiny_cfg(tiny_backbone, method), str(out))
+    assert "[answer] already done" in capsys.readouterr().out
+
+
+def test_interrupted_answer_step_resumes_to_the_same_output(tiny_backbone, tmp_path, monkeypatch):
+    import softsrv
+    cfg = tiny_cfg(tiny_backbone, "pt", batch_size=2, answer_tokens=8)
+    questions = [{"index": i, "question": f"What is {i} + {i}?"} for i in range(11)]
+    clean, run = pl.Run(cfg, tmp_path / "clean"), pl.Run(cfg, tmp_path / "cut")
+    for r in (clean, run):
+        data.write_jsonl(r.out / "questions.jsonl", questions)
+    pl.step_answer(clean)
+
+    real, calls = softsrv.generate_from_ids, []
+
+    def dies_on_second_chunk(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(softsrv, "generate_from_ids", dies_on_second_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        pl.step_answer(run)
+    assert not run.done("answer") and len(data.read_jsonl(run.out / "answers.jsonl")) == 8   # one chunk
+    monkeypatch.setattr(softsrv, "generate_from_ids", real)
+    pl.step_answer(run)
+    assert run.done("answer")
+    assert data.read_jsonl(run.out / "answers.jsonl") == data.read_jsonl(clean.out / "answers.jsonl")
+
+
+def test_other_settings_and_bad_input_are_one_line(tiny_backbone, tmp_path, capsys):
+    pl.Run(tiny_cfg(tiny_backbone, "pt"), tmp_path / "r")
+    with pytest.raises(ValueError, match=r"other settings \(n_generate: 24 -> 30\)"):
+        pl.Run(tiny_cfg(tiny_backbone, "pt", n_generate=30), tmp_path / "r")
+    with pytest.raises(SystemExit):
+        pl.parse_args(["--task", "nope"])
+    with pytest.raises(SystemExit):
+        pl.parse_args(["--method", "pt", "--train-steps", "3"])
+    with pytest.raises(SystemExit) as e:
+        pl.main(["--method", "pt", "--preset", "tiny", "--generator", str(tmp_path / "missing"),
+                 "--out", str(tmp_path / "m")])
+    assert "missing" in str(e.value) and "\n" not in str(e.value)
