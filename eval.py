@@ -228,9 +228,9 @@ def run_mbpp(model, tok, items, shots, batch_size):
     gen = generate_from_ids(model, prompts, 384, tok.eos_id, stop=stop_on(tok, MBPP_STOPS),
                             batch_size=batch_size, progress=True)
     codes = [cut_at(tok.decode(g), MBPP_STOPS).strip() for g in gen]
-    jobs = [(c, e.meta.get("test_setup_code", "") + "\n" + "\n".join(e.meta["test_list"]))
-            for c, e in zip(codes, items)]
-    results = sandbox.run_tests_many(jobs, timeout_s=10.0, progress=True)
+    jobs = [(c, e.meta["test_list"]) for c, e in zip(codes, items)]
+    results = sandbox.run_tests_many(jobs, timeout_s=10.0, progress=True,
+                                     setup=[e.meta.get("test_setup_code", "") for e in items])
     return [{"id": e.id, "question": e.text, "completion": c, "correct": bool(ok), "detail": detail[-500:]}
             for e, c, (ok, detail) in zip(items, codes, results)]
 
