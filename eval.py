@@ -192,7 +192,7 @@ def run_gsm8k(model, tok, items, shots, batch_size):
         completion = cut_at(tok.decode(g), GSM8K_STOPS).strip()
         pred, ref = gsm8k_extract(completion), gsm8k_reference(e.answer)
         records.append({"id": e.id, "question": e.text, "reference": ref, "completion": completion,
-                        "prediction": pred, "correct": _same_number(pred, ref)})
+                        "generated_tokens": len(g), "prediction": pred, "correct": _same_number(pred, ref)})
     return records
 
 
@@ -228,9 +228,9 @@ def run_mbpp(model, tok, items, shots, batch_size):
     gen = generate_from_ids(model, prompts, 384, tok.eos_id, stop=stop_on(tok, MBPP_STOPS),
                             batch_size=batch_size, progress=True)
     codes = [cut_at(tok.decode(g), MBPP_STOPS).strip() for g in gen]
-    jobs = [(c, e.meta.get("test_setup_code", "") + "\n" + "\n".join(e.meta["test_list"]))
-            for c, e in zip(codes, items)]
-    results = sandbox.run_tests_many(jobs, timeout_s=10.0, progress=True)
+    jobs = [(c, e.meta["test_list"]) for c, e in zip(codes, items)]
+    results = sandbox.run_tests_many(jobs, timeout_s=10.0, progress=True,
+                                     setup=[e.meta.get("test_setup_code", "") for e in items])
     return [{"id": e.id, "question": e.text, "completion": c, "correct": bool(ok), "detail": detail[-500:]}
             for e, c, (ok, detail) in zip(items, codes, results)]
 
@@ -385,7 +385,10 @@ def evaluate_task(task: str, model: str, limit: int | None = None, shots: int | 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["mauve"]:  # MAUVE has its own options (mauve.py); pass them through untouched
-        import mauve
+        try:
+            import mauve
+        except ImportError:
+            sys.exit("error: eval.py mauve needs mauve.py, which is not in this checkout")
         return mauve.cli(argv[1:])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)

@@ -218,3 +218,12 @@ def test_bad_input_is_one_line(argv, message, capsys):
     err = str(e.value.code) if e.value.code not in (None, 2) else capsys.readouterr().err
     assert message in err.strip().splitlines()[-1]           # argparse prints its usage first
     assert "Traceback" not in err and (e.value.code == 2 or len(err.strip().splitlines()) == 1)
+
+
+def test_mauve_subcommand_delegates(monkeypatch):
+    import sys
+    import types
+    seen = []
+    monkeypatch.setitem(sys.modules, "mauve", types.SimpleNamespace(cli=lambda argv: seen.append(argv) or 0.5))
+    assert ev.main(["mauve", "--gen", "a.jsonl", "--ref", "gsm8k:test", "--buckets", "32"]) == 0.5
+    assert seen == [["--gen", "a.jsonl", "--ref", "gsm8k:test", "--buckets", "32"]]
