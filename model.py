@@ -181,6 +181,25 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def fused_linear(x: torch.Tensor, layers: list[nn.Linear]) -> list[torch.Tensor]:
+    """Several Linear layers of the same input as ONE matmul (q/k/v; SwiGLU's gate/up).
+
+    Why: a decode step's matmuls have a few rows, and on a CPU each call pays a fixed cost (thread
+    start-up, weight packing) that 2 calls instead of 5 per block save (README: Performance). The
+    concatenated weight is built once and cached until a weight changes (moved, cast or updated in
+    place), so frozen weights are fused and trained ones (fine-tuning) take separate matmuls.
+    """
+    ws = [lin.weight for lin in layers]
+    if any(w.requires_grad for w in ws):
+        return [lin(x) for lin in layers]
+    key = tuple((w.data_ptr(), w._version, w.dtype) for w in ws)
+    cached = layers[0].__dict__.get("_fused")          # a plain attribute: not in the state dict
+    if cached is None or cached[0] != key:
+        bias = None if layers[0].bias is None else torch.cat([lin.bias for lin in layers])
+        cached = layers[0].__dict__["_fused"] = (key, torch.cat(ws), bias)
+    return F.linear(x, cached[1], cached[2]).split([w.shape[0] for w in ws], dim=-1)
+
+
 # ----------------------------------------------------------------------------------------------
 # KV cache
 
@@ -248,9 +267,10 @@ class Attention(nn.Module):
     def forward(self, x, rope, attn_mask, cache: KVCache | None, layer: int, start: int):
         B, T, _ = x.shape
         hd = self.cfg.head_dim
-        q = self.q(x).view(B, T, -1, hd).transpose(1, 2)            # [B, H, T, hd]
-        k = self.k(x).view(B, T, -1, hd).transpose(1, 2)            # [B, Hkv, T, hd]
-        v = self.v(x).view(B, T, -1, hd).transpose(1, 2)
+        q, k, v = fused_linear(x, [self.q, self.k, self.v])
+        q = q.reshape(B, T, -1, hd).transpose(1, 2)                  # [B, H, T, hd]
+        k = k.reshape(B, T, -1, hd).transpose(1, 2)                  # [B, Hkv, T, hd]
+        v = v.reshape(B, T, -1, hd).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
@@ -295,9 +315,10 @@ class MLP(nn.Module):
     def forward(self, x):
         if self.gelu:
             return self.proj(F.gelu(self.fc(x), approximate="tanh"))
+        gate, up = fused_linear(x, [self.gate, self.up])
         if self.gated_gelu:
-            return self.down(F.gelu(self.gate(x), approximate="tanh") * self.up(x))   # GeGLU
-        return self.down(F.silu(self.gate(x)) * self.up(x))         # SwiGLU
+            return self.down(F.gelu(gate, approximate="tanh") * up)  # GeGLU
+        return self.down(F.silu(gate) * up)                          # SwiGLU
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
