@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from model import DEFAULT_MODEL, load_model, load_tokenizer
+from model import DEFAULT_MODEL, DTYPES, dtype_of, load_model, load_tokenizer
 from softsrv import _atomic_write, generate_from_ids
 
 
@@ -328,7 +328,7 @@ def _stage(task: str, what: str, t0: float):
 
 
 def evaluate_task(task: str, model: str, limit: int | None = None, shots: int | None = None,
-                  batch_size: int = 8, out: str | None = None, dtype: str = "bf16",
+                  batch_size: int = 8, out: str | None = None, dtype: str = "auto",
                   loss_only: bool = False) -> dict:
     """Task metric and held-out answer loss of `model` on `task`; writes per-item records and the
     summary as JSON to `out` (default out/eval/<task>-<model>.json) and returns the summary.
@@ -341,8 +341,8 @@ def evaluate_task(task: str, model: str, limit: int | None = None, shots: int | 
         raise ValueError("need --shots >= 0, --limit >= 1, --batch-size >= 1")
     if shots and shot_split is None:
         raise ValueError(f"--shots {shots}: {task} has no train fold offline to draw shots from; it is 0-shot")
-    if dtype not in ("bf16", "fp32"):
-        raise ValueError(f"dtype must be bf16 or fp32, got {dtype!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     out_path = Path(out) if out else default_out(task, model)
 
     t0 = time.time()
@@ -350,9 +350,9 @@ def evaluate_task(task: str, model: str, limit: int | None = None, shots: int | 
     demos = data.load_examples(task, shot_split, limit=shots) if shots else []
     _stage(task, f"{len(items)} held-out items ({task}/{split}), {len(demos)} shots", t0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    lm = load_model(model, dtype={"bf16": torch.bfloat16, "fp32": torch.float32}[dtype], device=device)
+    lm = load_model(model, dtype=dtype_of(dtype, device), device=device)
     tok = load_tokenizer(model)
-    _stage(task, f"loaded {model} ({dtype}, {device})", t0)
+    _stage(task, f"loaded {model} ({lm.dtype}, {device})", t0)
 
     t1 = time.time()
     if loss_only:
@@ -402,7 +402,8 @@ def main(argv=None):
     t.add_argument("--shots", type=int, help="few-shot examples from the train fold (default: gsm8k 5, "
                    "mbpp 3, boolq 0; triviaqa and humaneval are 0-shot only)")
     t.add_argument("--batch-size", type=int, default=8, help="prompts per forward/decode batch (default 8)")
-    t.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="model precision (default bf16)")
+    t.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="model precision (default auto: bf16 where measured faster than fp32 here)")
     t.add_argument("--out", help="output JSON (default out/eval/<task>-<model>.json)")
     t.add_argument("--loss-only", action="store_true", help="only the held-out answer loss, no task metric "
                    "(score null; default: both)")

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from model import DEFAULT_MODEL, load_model, load_tokenizer, save_model
+from model import DEFAULT_MODEL, DTYPES, dtype_of, load_model, load_tokenizer, save_model
 from softsrv import CKPT_STATE, load_optimizer_state, save_optimizer_state
 from train import lr_at
 
@@ -63,7 +63,7 @@ class FinetuneConfig:
     save_at: list[int] = field(default_factory=list)   # checkpoint steps (default: evenly spaced)
     n_checkpoints: int = 3             # used when save_at is empty
     seed: int = 0
-    dtype: str = "bf16"                # matmul precision (autocast); weights stay fp32
+    dtype: str = "auto"                # matmul precision (bf16 autocast or fp32); weights stay fp32
     steps: int = 0                     # filled in from the data: ceil(epochs * rows / batch_size)
 
 
@@ -227,7 +227,7 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> list[tuple[int, Path
     if start >= cfg.steps:
         return completed_checkpoints(out)
 
-    use_bf16 = cfg.dtype == "bf16"
+    use_bf16 = dtype_of(cfg.dtype, device) == torch.bfloat16
     autocast = (lambda: torch.autocast(device_type=device, dtype=torch.bfloat16)) if use_bf16 else nullcontext
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="finetune", disable=not progress,
                dynamic_ncols=True)
@@ -284,8 +284,9 @@ def parse_args(argv=None) -> FinetuneConfig:
       help="checkpoint steps (default: --n-checkpoints evenly spaced; the last step always)")
     a("--n-checkpoints", type=int, help="evenly spaced checkpoints when --save-at is not given (tiny 2, cpu 3, paper 5)")
     a("--seed", type=int, default=0, help="seed for packing and batch order (default 0)")
-    a("--dtype", choices=["bf16", "fp32"], default="bf16",
-      help="matmul precision (default bf16 autocast; weights and optimizer state stay fp32)")
+    a("--dtype", choices=DTYPES, default="auto",
+      help="matmul precision (default auto: bf16 autocast where measured faster than fp32 here; weights "
+           "and optimizer state stay fp32)")
     args = p.parse_args(argv)
     preset = PRESETS[args.preset]
     cfg = FinetuneConfig(data=args.data, out=args.out, model=args.model, micro_batch=args.micro_batch,

@@ -22,9 +22,9 @@ import torch
 from tqdm import tqdm
 
 import data
-from model import load_model, load_tokenizer
+from model import DTYPES, dtype_of, load_model, load_tokenizer
 from softsrv import ContextEncoder, context_vectors, load_checkpoint, sample
-from train import TrainConfig, dtype_of, init_distributed, load_training_data, rank0_first
+from train import TrainConfig, init_distributed, load_training_data, rank0_first
 
 
 def generate(ckpt: str, n: int, out: str | None = None, temperature: float = 1.0, top_p: float = 1.0,
@@ -57,7 +57,7 @@ def generate(ckpt: str, n: int, out: str | None = None, temperature: float = 1.0
     if data.fingerprint(train_ex) != record["data_fingerprint"]:
         raise ValueError(f"--data {cfg.data}: not the data {ckpt} was trained on (fingerprint changed)")
     with rank0_first(rank, world):     # a first run converts the model and embeds the data once
-        backbone = load_model(cfg.model, dtype=dtype_of(dtype or cfg.dtype), device=device)
+        backbone = load_model(cfg.model, dtype=dtype_of(dtype or cfg.dtype, device), device=device)
         tok = load_tokenizer(cfg.model)
         enc_model = backbone if cfg.embed_model == cfg.model else load_model(cfg.embed_model, dtype=backbone.dtype, device=device)
         encoder = ContextEncoder(enc_model, tok if enc_model is backbone else load_tokenizer(cfg.embed_model))
@@ -112,7 +112,7 @@ def main(argv=None):
     a("--batch-size", type=int, default=16, help="samples decoded together (default 16)")
     a("--max-new-tokens", type=int, help="longest sample in tokens (default: the checkpoint's --max-tokens)")
     a("--seed", type=int, default=0, help="sampling seed; batch b uses (seed, b) (default 0)")
-    a("--dtype", choices=["bf16", "fp32"], help="backbone precision (default: as trained)")
+    a("--dtype", choices=DTYPES, help="backbone precision (default: as trained)")
     args = p.parse_args(argv)
     if args.n < 1 or args.batch_size < 1:
         p.error("--n and --batch-size must be at least 1")

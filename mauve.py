@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 import data
-from model import DEFAULT_MODEL
+from model import DEFAULT_MODEL, DTYPES, dtype_of
 
 PLOT_REQUIREMENT = "matplotlib==3.11.2"          # requirements-plot.txt: the optional extra for --plot
 
@@ -144,9 +144,8 @@ def _encoder(model: str, dtype: str, max_tokens: int, batch_size: int):
     import torch
     from model import load_model, load_tokenizer
     from softsrv import ContextEncoder
-    from train import dtype_of
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    lm = load_model(model, dtype=dtype_of(dtype), device=device)
+    lm = load_model(model, dtype=dtype_of(dtype, device), device=device)
     return ContextEncoder(lm, load_tokenizer(model), max_tokens=max_tokens, batch_size=batch_size)
 
 
@@ -157,8 +156,8 @@ def featurize(texts: list[str], model: str = DEFAULT_MODEL, dtype: str = "bf16",
     from softsrv import context_vectors
     if len(texts) == 0:
         raise ValueError("featurize: no texts")
-    if dtype not in ("bf16", "fp32"):
-        raise ValueError(f"featurize: dtype must be bf16 or fp32, got {dtype!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"featurize: dtype must be one of {DTYPES}, got {dtype!r}")
     encoder = _encoder(str(model), dtype, max_tokens, batch_size)
     fp = data.fingerprint(data.Example(t, str(i)) for i, t in enumerate(texts))
     return context_vectors(encoder, str(model), list(texts), fp, progress=progress).numpy().astype(np.float32)

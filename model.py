@@ -176,6 +176,51 @@ def rope_inv_freq(cfg: ModelConfig, local: bool = False) -> torch.Tensor:
     raise ModelError(f"config.json: rope scaling type '{kind}' is not supported (default, linear, llama3)")
 
 
+DTYPES = ("auto", "bf16", "fp32")
+_AUTO_DTYPE: dict[str, torch.dtype] = {}
+
+
+def dtype_of(name: str, device: str = "cpu") -> torch.dtype:
+    """'bf16' | 'fp32' | 'auto' -> torch dtype. 'auto' = bf16 where this device's matmuls are faster
+    in it: measured once per process on CPUs, because bf16 is ~4-7x faster than fp32 with AMX or
+    fast avx512_bf16 but SLOWER than fp32 on CPUs that emulate it (README: Performance)."""
+    if name != "auto":
+        return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
+    kind = torch.device(device).type
+    if kind not in _AUTO_DTYPE:
+        if kind == "cuda":
+            _AUTO_DTYPE[kind] = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        else:
+            _AUTO_DTYPE[kind] = torch.bfloat16 if _bf16_speedup() > 1.25 else torch.float32
+    return _AUTO_DTYPE[kind]
+
+
+def _bf16_speedup() -> float:
+    """fp32 time / bf16 time of one small MLP + norm + attention step (a 135M model's shapes) at
+    16 and 256 rows. One thread, interleaved rounds, best of each: with all threads, a busy machine's
+    oversubscription swamps the difference; per-thread kernel speed is what the dtype changes."""
+    import time
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    best = {}
+    try:
+        for rows in (16, 256):
+            ws, x = [torch.randn(1536, 576), torch.randn(1536, 576), torch.randn(576, 1536)], torch.randn(rows, 576)
+            pairs = {torch.float32: (x, ws), torch.bfloat16: (x.bfloat16(), [w.bfloat16() for w in ws])}
+            for _ in range(5):
+                for dt, (xx, (wg, wu, wd)) in pairs.items():
+                    t = time.perf_counter()
+                    for _ in range(3):
+                        y = F.linear(F.silu(F.linear(xx, wg)) * F.linear(xx, wu), wd) + xx
+                        y = y * torch.rsqrt(y.float().pow(2).mean(-1, keepdim=True) + 1e-6).to(dt)
+                        q = y.view(1, rows, 9, 64).transpose(1, 2)
+                        F.scaled_dot_product_attention(q, q, q, is_causal=True)
+                    best[rows, dt] = min(best.get((rows, dt), math.inf), time.perf_counter() - t)
+    finally:
+        torch.set_num_threads(threads)
+    return sum(best[r, torch.float32] for r in (16, 256)) / sum(best[r, torch.bfloat16] for r in (16, 256))
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)

@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import data
-from model import DEFAULT_MODEL, load_model, load_tokenizer
+from model import DEFAULT_MODEL, DTYPES, dtype_of, load_model, load_tokenizer
 from softsrv import (CKPT_CONFIG, ContextEncoder, build_soft_prompt, context_vectors, load_checkpoint,
                      load_optimizer_state, pad_targets, sample, save_checkpoint, softsrv_loss)
 
@@ -69,7 +69,7 @@ class TrainConfig:
     out: str = "out/ss_mc"
     seed: int = 0
     eval_every: int = 50
-    dtype: str = "bf16"
+    dtype: str = "auto"
     preset: str = "cpu"
 
 
@@ -167,10 +167,6 @@ def load_training_data(cfg: TrainConfig):
     return data.split_heldout(examples, cfg.n_heldout, seed=cfg.seed)
 
 
-def dtype_of(name: str) -> torch.dtype:
-    return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
-
-
 def train(cfg: TrainConfig, resume: bool = False, show_samples: int = 3) -> dict:
     # Refuse a wrong --out / --resume before paying for the model and the contexts.
     has_ckpt = (Path(cfg.out) / CKPT_CONFIG).exists()
@@ -187,12 +183,12 @@ def train(cfg: TrainConfig, resume: bool = False, show_samples: int = 3) -> dict
     train_ex, held_ex = load_training_data(cfg)
     all_ex = train_ex + held_ex
     with rank0_first(rank, world):               # a first run converts the model and embeds the data once
-        backbone = load_model(cfg.model, dtype=dtype_of(cfg.dtype), device=device)
+        backbone = load_model(cfg.model, dtype=dtype_of(cfg.dtype, device), device=device)
         tok = load_tokenizer(cfg.model)
         if cfg.embed_model == cfg.model:
             enc_model, enc_tok = backbone, tok          # one copy of the weights serves as H and E
         else:
-            enc_model = load_model(cfg.embed_model, dtype=dtype_of(cfg.dtype), device=device)
+            enc_model = load_model(cfg.embed_model, dtype=dtype_of(cfg.dtype, device), device=device)
             enc_tok = load_tokenizer(cfg.embed_model)
         encoder = ContextEncoder(enc_model, enc_tok)
         z = context_vectors(encoder, cfg.embed_model, [e.text for e in all_ex], data.fingerprint(all_ex))
@@ -319,8 +315,9 @@ def parse_args(argv=None) -> tuple[TrainConfig, bool]:
     a("--out", help="checkpoint folder (default out/ss_<param>)")
     a("--seed", type=int, default=0, help="seed for initialization and batch order (default 0)")
     a("--eval-every", type=int, help="steps between held-out evaluations and checkpoints (cpu 50, paper 1000)")
-    a("--dtype", choices=["bf16", "fp32"], default="bf16",
-      help="backbone precision (default bf16: several times faster on CPUs with bf16 units; θ stays fp32)")
+    a("--dtype", choices=DTYPES, default="auto",
+      help="backbone precision (default auto: bf16 where this machine runs it faster than fp32, measured "
+           "at start-up; θ stays fp32)")
     a("--resume", action="store_true", help="continue the run saved in --out up to --steps")
     args = p.parse_args(argv)
     preset = PRESETS[args.preset]

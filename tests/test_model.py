@@ -367,3 +367,18 @@ def test_default_model_knows_the_capital_of_france():
     ids = tok.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
     out = sample(model, model.embed(torch.tensor([ids])), 24, temperature=0, eos_id=tok.eos_id)
     assert "Paris" in tok.decode(out[0])
+
+
+def test_dtype_of_auto_follows_the_measured_speed(monkeypatch):
+    import model
+    assert model.dtype_of("bf16") == torch.bfloat16 and model.dtype_of("fp32") == torch.float32
+    for speedup, want in ((3.0, torch.bfloat16), (0.6, torch.float32)):
+        monkeypatch.setattr(model, "_AUTO_DTYPE", {})
+        monkeypatch.setattr(model, "_bf16_speedup", lambda s=speedup: s)
+        assert model.dtype_of("auto") == want
+        monkeypatch.setattr(model, "_bf16_speedup", lambda: 1 / 0)     # measured once per process
+        assert model.dtype_of("auto", "cpu") == want
+    monkeypatch.setattr(model, "_AUTO_DTYPE", {})
+    monkeypatch.undo()
+    threads = torch.get_num_threads()
+    assert 0.05 < model._bf16_speedup() < 50 and torch.get_num_threads() == threads   # restored
