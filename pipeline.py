@@ -194,7 +194,9 @@ def _start(step: str, what: str) -> float:
 # ----------------------------------------------------------------------------------------------
 # Step 2 helpers: parse, deduplicate, subsample (Appendix A.2)
 
-_MARK = re.compile(r"(?im)^[ \t*#]*(?:passage and question|question|passage)\s*\d+\s*[:.)]\**[ \t]*"
+# "Question N:" starts a question anywhere (small models run the list on in one line: "...? Question 2:
+# ..."); a bare "N." / "N)" only at a line start, so "Sam has 2. apples" is not split.
+_MARK = re.compile(r"(?im)(?:^|(?<=\s))[*#]*(?:passage and question|question|passage)\s*\d+\s*[:.)]\**[ \t]*"
                    r"|^[ \t*]*\d{1,2}[.)][ \t]+")
 
 

@@ -15,6 +15,10 @@ def test_parse_numbered_list():
                                        "A train goes 60 mph.\nHow far in 2 hours?", "Last one?"]
     assert pl.parse_numbered("1. First?\n2. Second?") == ["First?", "Second?"]
     assert pl.parse_numbered("   \n") == []
+    # the list run on in one line, as the 135M model writes it
+    assert pl.parse_numbered("20 boys, how many girls? Question 2: How many stars? Question 3:  Ben left.") == [
+        "20 boys, how many girls?", "How many stars?", "Ben left."]
+    assert pl.parse_numbered("Which question 2 is it?") == ["Which question 2 is it?"]
     # a number inside a sentence is not a marker
     assert pl.parse_numbered("Sam has 2. apples? No: 3 apples.") == ["Sam has 2. apples? No: 3 apples."]
 
