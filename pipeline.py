@@ -349,8 +349,8 @@ def generate_pt(run: Run, n_completions: int, train_ex: list[data.Example]) -> l
         outs = _complete(model, tok, texts, cfg, cfg.seed * 1_000_003 + idx[0], chat=False, max_new=max_new,
                          stop=stop_on(tok, stops))
         outs = [cut_at(o, stops) for o in outs]
-        return [{"index": i, "context_id": train_ex[i % len(train_ex)].id, "completion": o,
-                 "questions": parse_numbered(o)} for i, o in zip(idx, outs)]
+        return [{"index": i, "context_id": train_ex[i % len(train_ex)].id, "completion": o}
+                for i, o in zip(idx, outs)]
     return _in_chunks(run.out / "pt_completions.jsonl", n_completions, cfg.batch_size, make, "PT completions")
 
 
@@ -410,11 +410,12 @@ def step_generate(run: Run):
         n_comp = math.ceil(cfg.n_generate / 10)
         t0 = _start("generate", f"{n_comp} PT completions of 10 questions (temperature {cfg.pt_temperature})")
         comps = generate_pt(run, n_comp, train_ex)
-        per = [len(c["questions"]) for c in comps]
+        parsed = [parse_numbered(c["completion"]) for c in comps]    # parsed here, so a re-run re-parses
+        per = [len(q) for q in parsed]
         counts["completions"] = len(comps)
         counts["questions_per_completion"] = {str(k): per.count(k) for k in sorted(set(per))}
         counts["completions_without_questions"] = per.count(0)
-        recs = [{"question": q, "source": c["context_id"]} for c in comps for q in c["questions"]]
+        recs = [{"question": q, "source": c["context_id"]} for c, qs in zip(comps, parsed) for q in qs]
         counts["generated"] = len(recs)
         if cfg.method == "pt_sr" and recs:
             refined, sr = refine_sr(run, [r["question"] for r in recs])
