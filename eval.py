@@ -371,7 +371,8 @@ def evaluate_task(task: str, model: str, limit: int | None = None, shots: int | 
 
     summary = {"task": task, "model": str(model), "metric": metric, "score": score, "n": len(records),
                "correct": n_correct, "answer_loss": al["loss"], "answer_tokens": al["tokens"],
-               "split": split, "shots": shots, "dtype": dtype, "seconds": round(time.time() - t0, 1)}
+               "split": split, "shots": shots, "dtype": str(lm.dtype).removeprefix("torch."),
+               "seconds": round(time.time() - t0, 1)}
     out_path.parent.mkdir(parents=True, exist_ok=True)
     _atomic_write(out_path, lambda p: p.write_text(json.dumps({"summary": summary, "items": records},
                                                               indent=1, ensure_ascii=False)))
