@@ -11,6 +11,7 @@ import pytest
 
 import data
 import mauve
+import conftest
 from conftest import ROOT, has_package
 from mauve import auto_buckets, compute_mauve, featurize, mauve_from_histograms
 
@@ -182,14 +183,7 @@ def test_features_bad_input(p_shape, q_shape, kw, match):
 # ----------------------------------------------------------------------------------------------
 # Features, the CLI
 
-QUESTIONS = [
-    "Tom has 3 apples and buys 5 more. How many apples does he have?",
-    "A train travels 60 miles in 2 hours. What is its average speed?",
-    "Sara reads 12 pages a day. How many pages does she read in a week?",
-    "A box holds 24 pencils. How many boxes are needed for 100 pencils?",
-    "Ben earns $15 an hour and works 8 hours. How much does he earn?",
-    "There are 30 students and 6 groups. How many students are in each group?",
-]
+QUESTIONS = conftest.QUESTIONS[:6]
 OTHER = [
     "def add(a, b): return a + b",
     "The capital of France is Paris.",

@@ -7,24 +7,12 @@ import torch
 import torch.nn.functional as F
 
 import data
+from conftest import QUESTIONS
 from model import load_model, load_tokenizer
 from softsrv import (ContextEncoder, build_soft_prompt, filter_logits, load_checkpoint, pad_targets, sample,
                      softsrv_loss)
 
-TEXTS = [
-    "Tom has 3 apples and buys 5 more. How many apples does he have?",
-    "A train travels 60 miles in 2 hours. What is its average speed?",
-    "Sara reads 12 pages a day. How many pages does she read in a week?",
-    "A box holds 24 pencils. How many boxes are needed for 100 pencils?",
-    "Ben earns $15 an hour and works 8 hours. How much does he earn?",
-    "There are 30 students and 6 groups. How many students are in each group?",
-    "A shirt costs $20 and is 25% off. What is the sale price?",
-    "Mia runs 3 km every morning. How far does she run in 10 days?",
-    "Each pizza has 8 slices. How many slices are in 7 pizzas?",
-    "A farmer has 40 cows and sells a quarter of them. How many are left?",
-    "Jake saves $4 a week. How many weeks until he has $52?",
-    "A rope is 18 meters long and cut into 3 equal parts. How long is each part?",
-]
+TEXTS = QUESTIONS
 
 
 @pytest.fixture(scope="module")
