@@ -232,6 +232,18 @@ def build_soft_prompt(kind: str, backbone: Transformer, d_e: int, t: int, k: int
 # ----------------------------------------------------------------------------------------------
 # The objective (Sec. 2): argmin_θ Σ_i ℓ(H(P_θ(E(x_i))), x_i)
 
+def left_pad(rows) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows of different lengths -> (ids [B, T], mask [B, T]), padded on the left so that every
+    row's next token goes to the same KV-cache slot (the cache's layout)."""
+    T = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), T, dtype=torch.long)
+    mask = torch.zeros(len(rows), T, dtype=torch.bool)
+    for b, r in enumerate(rows):
+        ids[b, T - len(r):] = torch.as_tensor(r)
+        mask[b, T - len(r):] = True
+    return ids, mask
+
+
 def pad_targets(token_lists: list[list[int]], eos_id: int, max_tokens: int, device) -> torch.Tensor:
     """[B, L] ids of x followed by one EOS, right-padded with -100 (ignored by the loss)."""
     rows = [ids[:max_tokens] + [eos_id] for ids in token_lists]
@@ -337,12 +349,7 @@ def generate_from_ids(model: Transformer, prompts: list[list[int]], max_new_toke
     bar = tqdm(total=len(prompts), desc="generate", unit="prompt", disable=not progress, leave=False)
     for b, s in enumerate(range(0, len(order), batch_size)):
         rows = order[s:s + batch_size]
-        T = max(len(prompts[i]) for i in rows)
-        ids = torch.zeros(len(rows), T, dtype=torch.long)
-        mask = torch.zeros(len(rows), T, dtype=torch.bool)
-        for r, i in enumerate(rows):
-            ids[r, T - len(prompts[i]):] = torch.tensor(prompts[i])
-            mask[r, T - len(prompts[i]):] = True
+        ids, mask = left_pad([prompts[i] for i in rows])
         g = torch.Generator(device=dev).manual_seed(seed * 1_000_003 + b)
         gen = sample(model, model.embed(ids.to(dev)), max_new_tokens, temperature=temperature, top_p=top_p,
                      eos_id=eos_id, generator=g, attention_mask=mask.to(dev), stop=stop)

@@ -8,6 +8,7 @@ import torch
 
 from conftest import save_hf
 from model import load_model
+from softsrv import left_pad
 
 TOL = 1e-4
 V = 320
@@ -89,11 +90,8 @@ def test_padded_prefill_and_cached_decode_parity(pair):
     g = torch.Generator().manual_seed(3)
     rows = [torch.randint(0, V, (n,), generator=g) for n in (3, 12, 8)]
     nxt = torch.randint(0, V, (3, 7), generator=g)
-    T = 12
-    ids = torch.zeros(3, T, dtype=torch.long)
-    mask = torch.zeros(3, T, dtype=torch.bool)
-    for b, r in enumerate(rows):
-        ids[b, T - len(r):], mask[b, T - len(r):] = r, True
+    ids, mask = left_pad(rows)
+    T = ids.shape[1]
     cache = model.new_cache(3, T + 7)
     with torch.no_grad():
         pre = model(model.embed(ids), attention_mask=mask, cache=cache)

@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import ROOT, has_package, save_hf, tiny_llama_config
 from model import KVCache, ModelError, load_model
+from softsrv import left_pad
 
 TOL = 1e-4
 
@@ -194,11 +195,8 @@ def test_padded_batch_rows_of_different_lengths(llama):
     g = torch.Generator().manual_seed(3)
     rows = [torch.randint(0, 320, (n,), generator=g) for n in (3, 7, 5)]
     nxt = torch.randint(0, 320, (3, 4), generator=g)
-    T = max(len(r) for r in rows)
-    ids = torch.zeros(3, T, dtype=torch.long)
-    mask = torch.zeros(3, T, dtype=torch.bool)
-    for b, r in enumerate(rows):
-        ids[b, T - len(r):], mask[b, T - len(r):] = r, True
+    ids, mask = left_pad(rows)
+    T = ids.shape[1]
     cache = model.new_cache(3, T + 4)
     with torch.no_grad():
         pre = model(model.embed(ids), attention_mask=mask, cache=cache)
