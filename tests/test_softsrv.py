@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import data
 from conftest import QUESTIONS
 from model import load_model, load_tokenizer
-from softsrv import (ContextEncoder, build_soft_prompt, filter_logits, load_checkpoint, pad_targets, sample,
+from softsrv import (ContextEncoder, build_soft_prompt, draw, filter_logits, load_checkpoint, pad_targets, sample,
                      softsrv_loss)
 
 TEXTS = QUESTIONS
@@ -185,7 +185,7 @@ def uncached_sample(model, prefix, n, temperature, generator):
     seq, out = prefix, []
     for _ in range(n):
         logits = model(seq)[:, -1].float()
-        tok = torch.multinomial((logits / temperature).softmax(-1), 1, generator=generator)[:, 0]
+        tok = draw((logits / temperature).softmax(-1), generator)
         out.append(tok)
         seq = torch.cat([seq, model.embed(tok[:, None])], 1)
     return torch.stack(out, 1).tolist()
@@ -221,6 +221,35 @@ def test_filter_logits():
     probs = logits.softmax(-1)[0]          # 0.64, 0.24, 0.09, 0.03 in sorted order
     kept = ~torch.isinf(filter_logits(logits, top_p=0.8))
     assert kept.tolist() == [[False, True, True, False]] and probs[1] < 0.8 < probs[1] + probs[2]
+
+
+def reference_top_p(logits, top_p):
+    """The textbook nucleus: sort everything, keep tokens while the mass above them is < top_p."""
+    sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
+    p = sorted_logits.softmax(-1)
+    drop = p.cumsum(-1) - p >= top_p
+    return logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
+
+
+@pytest.mark.parametrize("top_p", [0.05, 0.5, 0.9, 0.99])
+def test_top_p_from_a_growing_top_k_equals_the_full_sort(top_p):
+    g = torch.Generator().manual_seed(0)
+    # peaked rows (nucleus in the first top-256) and nearly flat ones (the top-k must grow past 2048)
+    logits = torch.cat([torch.randn(6, 5000, generator=g) * 4, torch.randn(6, 5000, generator=g) * 0.05])
+    fast, ref = filter_logits(logits, top_p=top_p), reference_top_p(logits, top_p)
+    assert torch.equal(torch.isinf(fast), torch.isinf(ref))
+    if top_p >= 0.5:                                           # the flat rows did need the growth
+        assert (~torch.isinf(fast[6:])).sum(-1).min() > 256
+
+
+def test_draw_follows_the_distribution_and_skips_impossible_tokens():
+    probs = torch.tensor([[0.5, 0.0, 0.3, 0.2, 0.0]]).expand(40_000, 5)
+    toks = draw(probs, torch.Generator().manual_seed(0))
+    freq = torch.bincount(toks, minlength=5).float() / len(toks)
+    assert freq[1] == 0 and freq[4] == 0
+    assert torch.allclose(freq, probs[0], atol=0.01), freq
+    # unnormalized rows and a row whose only mass is on its last token
+    assert draw(torch.tensor([[0.0, 0.0, 3.0], [2.0, 0.0, 0.0]])).tolist() == [2, 0]
 
 
 def test_each_row_stops_at_its_own_eos(backbone):
