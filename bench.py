@@ -1,6 +1,6 @@
 """Speed of this project against transformers, side by side on the same weights (issue 10).
 
-    python bench.py                        # bf16, the offline default model, 3 repeats
+    python bench.py                        # the precision --dtype auto picks here, 3 repeats
     python bench.py --dtype both --json bench.json
     python bench.py --quick                # a smoke run: small batches, one repeat
 
@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from model import DEFAULT_MODEL, load_model, resolve_model_dir
+from model import DEFAULT_MODEL, dtype_of, load_model, resolve_model_dir
 from softsrv import SoftPromptMC, pad_targets, sample, softsrv_loss
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -313,20 +313,26 @@ KEYS = ["decode_tok_s", "hf_decode_tok_s", "prefill_tok_s", "hf_prefill_tok_s", 
         "finetune_tok_s", "hf_finetune_tok_s"]
 
 
+def auto_dtype() -> str:
+    """The precision the project's `--dtype auto` picks on this machine (model.dtype_of)."""
+    return "bf16" if dtype_of("auto") == torch.bfloat16 else "fp32"
+
+
 def run(cfg: BenchConfig, dtypes: list[str], log=print) -> dict:
     torch.set_num_threads(os.cpu_count() or 1)
     info = cpu_info()
     log(f"CPU: {info['model']} ({info['cores']} cores); flags {' '.join(info['flags'])}; "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; load {load_average():.2f}")
     by_dtype = {name: bench_dtype(name, cfg, log) for name in dtypes}
-    main = by_dtype["bf16" if "bf16" in by_dtype else dtypes[0]]
+    top = auto_dtype() if auto_dtype() in by_dtype else dtypes[0]      # the default dtype's figures
+    main = by_dtype[top]
     out = {k: main[k] for k in KEYS}
     shape = by_dtype[dtypes[0]]["mlp_shape"]
     ceilings = {n: by_dtype[n]["matmul_gflops"] if n in by_dtype else round(matmul_gflops(*shape, DTYPES[n]), 1)
                 for n in DTYPES}
     out.update(matmul_gflops_fp32=ceilings["fp32"], matmul_gflops_bf16=ceilings["bf16"],
                peak_rss_mb=round(peak_rss_mb(), 1), cpu_flags=info["flags"], cpu_model=info["model"],
-               dtype=dtypes[0] if len(dtypes) == 1 else "bf16", repeats=cfg.repeats,
+               dtype=top, repeats=cfg.repeats,
                torch=torch.__version__, by_dtype=by_dtype)
     return out
 
@@ -347,8 +353,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--model", default=DEFAULT_MODEL, help=f"weights both sides load (default {DEFAULT_MODEL})")
-    a("--dtype", choices=["fp32", "bf16", "both"], default="bf16",
-      help="precision of the runs; the top-level JSON keys hold bf16 when it ran (default bf16)")
+    a("--dtype", choices=["auto", "fp32", "bf16", "both"], default="auto",
+      help="precision of the runs; 'auto' = the one the project's --dtype auto picks on this machine, "
+           "whose figures the top-level JSON keys hold when it ran (default auto)")
     a("--repeats", type=int, help="timed runs of each workload per side; the median counts (default 3, quick 1)")
     a("--json", help="also write the results to this JSON file")
     a("--quick", action="store_true", help="a smoke run: batches 1/4, 8 new tokens, short rows, one repeat")
@@ -357,7 +364,7 @@ def main(argv=None):
     if args.repeats is not None and args.repeats < 1:
         p.error("--repeats must be at least 1")
     cfg = BenchConfig.quick(**kw) if args.quick else BenchConfig(**kw)
-    dtypes = ["fp32", "bf16"] if args.dtype == "both" else [args.dtype]
+    dtypes = ["fp32", "bf16"] if args.dtype == "both" else [auto_dtype() if args.dtype == "auto" else args.dtype]
     try:
         out = run(cfg, dtypes)
     except ValueError as e:

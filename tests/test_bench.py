@@ -13,7 +13,7 @@ def test_bench_quick_smoke(tiny_backbone):
         assert k in out, k
     assert set(out["decode_tok_s"]) == {1, 4} and set(out["by_dtype"]) == {"fp32", "bf16"}
     assert all(v > 0 for v in out["decode_tok_s"].values()) and out["finetune_tok_s"] > 0
-    assert out["by_dtype"]["bf16"]["train_tok_s"] == out["train_tok_s"]
+    assert out["by_dtype"][bench.auto_dtype()]["train_tok_s"] == out["train_tok_s"] and out["dtype"] == bench.auto_dtype()
     assert "| decode b4 | bf16 |" in bench.table(out)
 
 
