@@ -3,6 +3,7 @@
     python bench.py                        # the precision --dtype auto picks here, 3 repeats
     python bench.py --dtype both --json bench.json
     python bench.py --quick                # a smoke run: small batches, one repeat
+    python bench.py --profile decode64     # where our time goes: torch.profiler's per-op table
 
 Each workload runs ours and transformers' alternately, `--repeats` times after one untimed warm-up
 each, and reports medians, so a neighbour's load on a shared machine hits both sides alike. Compare
@@ -349,6 +350,26 @@ def table(out: dict) -> str:
     return "\n".join(lines)
 
 
+def profile(cfg: BenchConfig, workload: str, dtype: str, log=print) -> str:
+    """torch.profiler's per-op table (self CPU time) of one call of our side of a workload, after a
+    warm-up call: what the README's "where the time went" figures come from."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    folder = resolve_model_dir(cfg.model)
+    if workload == "finetune":
+        ours = finetune_pair(folder, DTYPES[dtype], cfg)[0]
+    else:
+        model, hf = load_model(folder, dtype=DTYPES[dtype]), load_transformers(folder, DTYPES[dtype])
+        if workload.startswith("decode"):
+            ours = decode_pair(model, hf, int(workload.removeprefix("decode")), cfg)[0]
+        else:
+            ours = {"prefill": prefill_pair, "train": train_pair}[workload](model, hf, cfg)[0]
+    ours()
+    log(f"{workload} ({dtype}): one call took {timed(ours):.2f} s; profiling the next one")
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        ours()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
@@ -359,12 +380,27 @@ def main(argv=None):
     a("--repeats", type=int, help="timed runs of each workload per side; the median counts (default 3, quick 1)")
     a("--json", help="also write the results to this JSON file")
     a("--quick", action="store_true", help="a smoke run: batches 1/4, 8 new tokens, short rows, one repeat")
+    a("--profile", metavar="WORKLOAD",
+      help="instead of the race: profile our side of one workload (decode1, decode16, decode64, prefill, train, "
+           "finetune; decode<B> takes any batch size) and print torch.profiler's per-op table")
     args = p.parse_args(argv)
     kw = {"model": args.model} | ({"repeats": args.repeats} if args.repeats else {})
     if args.repeats is not None and args.repeats < 1:
         p.error("--repeats must be at least 1")
     cfg = BenchConfig.quick(**kw) if args.quick else BenchConfig(**kw)
     dtypes = ["fp32", "bf16"] if args.dtype == "both" else [auto_dtype() if args.dtype == "auto" else args.dtype]
+    if args.profile:
+        w = args.profile
+        if not (w in ("prefill", "train", "finetune") or (w.startswith("decode") and w[6:].isdigit() and int(w[6:]) > 0)):
+            p.error(f"--profile {w}: expected decode<batch> (e.g. decode64), prefill, train or finetune")
+        if len(dtypes) > 1:
+            p.error("--profile takes one precision: --dtype auto, fp32 or bf16")
+        torch.set_num_threads(os.cpu_count() or 1)
+        try:
+            print(profile(cfg, w, dtypes[0]))
+        except ValueError as e:
+            sys.exit(f"error: {e}")
+        return
     try:
         out = run(cfg, dtypes)
     except ValueError as e:

@@ -24,3 +24,13 @@ def test_packed_batch_targets_stay_inside_segments():
     inside = seg[:, 1:] == seg[:, :-1]
     assert (labels[:, :-1][inside] == ids[:, 1:][inside]).all()
     assert (labels[:, :-1][~inside] == -100).all() and (labels[:, -1] == -100).all()
+
+
+@pytest.mark.skipif(not has_package("transformers"), reason="bench.py builds transformers' side too")
+def test_bench_profile_prints_the_per_op_table(tiny_backbone, capsys):
+    import bench
+    bench.main(["--model", str(tiny_backbone), "--quick", "--dtype", "fp32", "--profile", "decode4"])
+    out = capsys.readouterr().out
+    assert "Self CPU" in out and "aten::" in out
+    with pytest.raises(SystemExit):
+        bench.main(["--model", str(tiny_backbone), "--profile", "decoding"])
