@@ -237,7 +237,7 @@ def fused_linear(x: torch.Tensor, layers: list[nn.Module]) -> list[torch.Tensor]
     start-up, and repacking the weight into the BLAS kernel's layout, which costs as much as the
     product itself at 16 rows. So frozen weights are concatenated (2 calls instead of 5 per block)
     and, in fp32 on a CPU with MKL, packed once (MKL's packed GEMM, the one torch.compile's
-    freezing uses): 1.4-2.5x faster matmuls at 4-64 rows (README: Performance). The cached copies
+    freezing uses): 1.3-3.8x faster matmuls at 4-64 rows (README: Performance). The cached copies
     are rebuilt when a weight changes (moved, cast or updated in place); weights being trained
     (fine-tuning) take plain matmuls. Layers need `.weight`; a missing `.bias` counts as none, so
     the tied LM head passes its nn.Embedding.
@@ -257,8 +257,10 @@ def fused_linear(x: torch.Tensor, layers: list[nn.Module]) -> list[torch.Tensor]
         cached = layers[0].__dict__["_fused"] = (key, w, bias, packed)
     _, w, bias, packed = cached
     rows = x.numel() // x.shape[-1]
-    # MKL's packed GEMM has no backward, and below 4 rows (memory-bound) it is no faster.
-    if packed is not None and rows >= 4 and x.dtype == torch.float32 and not (x.requires_grad and torch.is_grad_enabled()):
+    # MKL's packed GEMM has no backward; below 4 rows (memory-bound) and from a few hundred rows
+    # (the pack's cost is then amortized anyway) it is no faster, for the LM head at 512 rows slower.
+    if (packed is not None and 4 <= rows <= 256 and x.dtype == torch.float32
+            and not (x.requires_grad and torch.is_grad_enabled())):
         y = torch.ops.mkl._mkl_linear(x, packed, w, bias, rows)
     else:
         y = F.linear(x, w, bias)
