@@ -237,7 +237,7 @@ def fused_linear(x: torch.Tensor, layers: list[nn.Module]) -> list[torch.Tensor]
     start-up, and repacking the weight into the BLAS kernel's layout, which costs as much as the
     product itself at 16 rows. So frozen weights are concatenated (2 calls instead of 5 per block)
     and, in fp32 on a CPU with MKL, packed once (MKL's packed GEMM, the one torch.compile's
-    freezing uses): 1.3-3.8x faster matmuls at 4-64 rows (README: Performance). The cached copies
+    freezing uses): 1.3-4.6x faster matmuls at 4-64 rows (README: Performance). The cached copies
     are rebuilt when a weight changes (moved, cast or updated in place); weights being trained
     (fine-tuning) take plain matmuls. Layers need `.weight`; a missing `.bias` counts as none, so
     the tied LM head passes its nn.Embedding.
