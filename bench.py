@@ -325,7 +325,8 @@ def run(cfg: BenchConfig, dtypes: list[str], log=print) -> dict:
     log(f"CPU: {info['model']} ({info['cores']} cores); flags {' '.join(info['flags'])}; "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; load {load_average():.2f}")
     by_dtype = {name: bench_dtype(name, cfg, log) for name in dtypes}
-    top = auto_dtype() if auto_dtype() in by_dtype else dtypes[0]      # the default dtype's figures
+    top = auto_dtype()                                                 # the default dtype's figures
+    top = top if top in by_dtype else dtypes[0]
     main = by_dtype[top]
     out = {k: main[k] for k in KEYS}
     shape = by_dtype[dtypes[0]]["mlp_shape"]

@@ -251,16 +251,15 @@ def fused_linear(x: torch.Tensor, layers: list[nn.Module]) -> list[torch.Tensor]
         biases = [getattr(lin, "bias", None) for lin in layers]
         w = ws[0] if len(ws) == 1 else torch.cat(ws)
         bias = None if biases[0] is None else biases[0] if len(ws) == 1 else torch.cat(biases)
-        packed = None
-        if _MKL_PACK and w.dtype == torch.float32 and w.device.type == "cpu":
-            packed = torch.ops.mkl._mkl_reorder_linear_weight(w, 64)
-        cached = layers[0].__dict__["_fused"] = (key, w, bias, packed)
+        cached = layers[0].__dict__["_fused"] = [key, w, bias, None]   # packed on first use
     _, w, bias, packed = cached
     rows = x.numel() // x.shape[-1]
     # MKL's packed GEMM has no backward; below 4 rows (memory-bound) and from a few hundred rows
     # (the pack's cost is then amortized anyway) it is no faster, for the LM head at 512 rows slower.
-    if (packed is not None and 4 <= rows <= 256 and x.dtype == torch.float32
+    if (_MKL_PACK and 4 <= rows <= 256 and x.dtype == w.dtype == torch.float32 and x.device.type == "cpu"
             and not (x.requires_grad and torch.is_grad_enabled())):
+        if packed is None:                             # only runs that use it pay its memory
+            packed = cached[3] = torch.ops.mkl._mkl_reorder_linear_weight(w, 64)
         y = torch.ops.mkl._mkl_linear(x, packed, w, bias, rows)
     else:
         y = F.linear(x, w, bias)

@@ -312,11 +312,11 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch
     exponential for every vocabulary entry (~70 ms per step at batch 64 against ~1 ms for this).
     """
     cdf = probs.cumsum(-1)
-    total = cdf[..., -1:]
+    total = cdf[..., -1:].contiguous()                  # [B, 1]: searchsorted wants it contiguous
     u = torch.rand(total.shape, generator=generator, device=probs.device, dtype=cdf.dtype) * total
     tok = torch.searchsorted(cdf, u, right=True)
     # u can round up to the total; the last token with mass is the first whose cdf reaches it
-    return torch.minimum(tok, (cdf < total).sum(-1, keepdim=True))[..., 0]
+    return torch.minimum(tok, torch.searchsorted(cdf, total))[..., 0]
 
 
 @torch.no_grad()
