@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from model import DEFAULT_MODEL, dtype_of, load_model, resolve_model_dir
+from model import DEFAULT_MODEL, dtype_of, keep_freed_memory, load_model, resolve_model_dir
 from softsrv import SoftPromptMC, pad_targets, sample, softsrv_loss
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -416,4 +416,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    keep_freed_memory()   # before the first big allocation (model.py says why)
     main()

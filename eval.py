@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from model import DEFAULT_MODEL, DTYPES, dtype_of, load_model, load_tokenizer
+from model import DEFAULT_MODEL, DTYPES, dtype_of, keep_freed_memory, load_model, load_tokenizer
 from softsrv import _atomic_write, generate_from_ids
 
 
@@ -419,4 +419,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    keep_freed_memory()   # before the first big allocation (model.py says why)
     main()

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from model import DEFAULT_MODEL, DTYPES, dtype_of, load_model, load_tokenizer, save_model
+from model import DEFAULT_MODEL, DTYPES, dtype_of, keep_freed_memory, load_model, load_tokenizer, save_model
 from softsrv import CKPT_STATE, load_optimizer_state, save_optimizer_state
 from train import lr_at
 
@@ -309,4 +309,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    keep_freed_memory()   # before the first big allocation (model.py says why)
     main()

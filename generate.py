@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 import data
-from model import DTYPES, dtype_of, load_model, load_tokenizer
+from model import DTYPES, dtype_of, keep_freed_memory, load_model, load_tokenizer
 from softsrv import ContextEncoder, context_vectors, load_checkpoint, sample
 from train import TrainConfig, init_distributed, load_training_data, rank0_first
 
@@ -129,4 +129,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    keep_freed_memory()   # before the first big allocation (model.py says why)
     main()

@@ -33,7 +33,7 @@ import torch
 from tqdm import tqdm
 
 import data
-from model import DEFAULT_MODEL, DTYPES, dtype_of, load_model, load_tokenizer
+from model import DEFAULT_MODEL, DTYPES, dtype_of, keep_freed_memory, load_model, load_tokenizer
 
 TASKS = ("gsm8k", "mbpp", "boolq")
 METHODS = ("np", "mp", "mc", "pt", "pt_sr", "train")
@@ -703,4 +703,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    keep_freed_memory()   # before the first big allocation (model.py says why)
     main()

@@ -380,3 +380,27 @@ def test_dtype_of_auto_follows_the_measured_speed(monkeypatch):
     monkeypatch.undo()
     threads = torch.get_num_threads()
     assert 0.05 < model._bf16_speedup() < 50 and torch.get_num_threads() == threads   # restored
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc only")
+def test_keep_freed_memory_reuses_big_blocks_without_page_faults():
+    # A 64 MB tensor, allocated and freed again and again (a training step's activations): glibc
+    # maps it afresh each time (16K zero-filled page faults) unless keep_freed_memory() made it keep
+    # the blocks; then, after a few rounds that grow the heap, no faults at all. Each case in its own process.
+    code = ("import resource, sys; sys.path.insert(0, %r); import torch, model\n"
+            "applied = model.keep_freed_memory() if sys.argv[1] == 'keep' else False\n"
+            "faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+            "f = 0\n"
+            "for i in range(12):\n"
+            "    f = faults() if i == 8 else f\n"
+            "    x = torch.ones(64 << 20, dtype=torch.uint8); del x\n"
+            "print(applied, (faults() - f) // 4)" % str(ROOT))
+    got = {}
+    for case in ("default", "keep"):
+        out = subprocess.run([sys.executable, "-c", code, case], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        applied, faults = out.stdout.split()
+        got[case] = (applied == "True", int(faults))
+    if not got["keep"][0]:
+        pytest.skip("not glibc")
+    assert got["default"][1] > 10_000 and got["keep"][1] < 1_000, got
