@@ -201,8 +201,8 @@ def keep_freed_memory() -> bool:
     Why: glibc serves blocks above its mmap threshold (32 MB at most) with fresh mappings and unmaps
     them on free, so each training step's big activations and gradients (the [8, 144, 49152] fp32
     logits of a SoftSRV step are 226 MB) come back as new pages the kernel must fault in and zero:
-    ~117K page faults (~470 MB) per SoftSRV step, ~440K per fine-tuning step. Measured here: +7% on
-    the SoftSRV step, +13% on the fine-tuning step, decode unchanged (README: Performance). The cost:
+    ~120K page faults (~490 MB) per SoftSRV step, ~460K per fine-tuning step. Measured here: SoftSRV
+    steps 4-8% faster, fine-tuning steps 15-29%, decode unchanged (results/perf/malloc.txt). The cost:
     the process keeps its peak heap until it exits. True if applied; a no-op off Linux/glibc.
     """
     import ctypes

@@ -1,6 +1,7 @@
 """Does a decode step written FOR torch.compile pay? (README: Performance; run from the repo root)
 
     python results/perf/compile_step.py 64 16 > results/perf/compile_step.txt
+    python results/perf/compile_step.py 1 >> results/perf/compile_step.txt
 
 compile.py compiled the model's own hidden_states and got nothing: dynamo breaks the graph at the
 mask logic and recompiles per layer. This is the step a compiler wants, for a Llama-family model
