@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 import data
-from model import DEFAULT_MODEL, DTYPES, dtype_of
+from model import DEFAULT_MODEL, DTYPES, dtype_of, keep_freed_memory
 
 PLOT_REQUIREMENT = "matplotlib==3.11.2"          # requirements-plot.txt: the optional extra for --plot
 
@@ -281,4 +281,5 @@ def cli(argv=None) -> MauveResult | None:
 
 
 if __name__ == "__main__":
+    keep_freed_memory()   # before the first big allocation (model.py says why)
     cli()

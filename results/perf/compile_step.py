@@ -2,6 +2,8 @@
 
     python results/perf/compile_step.py 64 16 > results/perf/compile_step.txt
     python results/perf/compile_step.py 1 >> results/perf/compile_step.txt
+    python results/perf/compile_step.py --dynamic 64 16 >> results/perf/compile_step.txt
+    python results/perf/compile_step.py --profile 64 >> results/perf/compile_step.txt
 
 compile.py compiled the model's own hidden_states and got nothing: dynamo breaks the graph at the
 mask logic and recompiles per layer. This is the step a compiler wants, for a Llama-family model
@@ -9,8 +11,8 @@ without padding: the KV cache as one tensor per layer at a fixed length (the new
 with index_copy_ at a slot given as a tensor, no Python ints that specialize), an additive mask over
 all slots, the layers unrolled, attention at T = 1 as two small batched matmuls (the rep query heads
 of a kv head are the rows of one), and inductor's freezing, which prepacks the weights for MKL's
-packed GEMM itself. Shapes are static (one compile per batch size): with the batch dimension
-dynamic, batch 16 still recompiled and its kernels ran slower (x1.03 instead of x1.1-1.2).
+packed GEMM itself. Shapes are static (one compile per batch size) unless --dynamic; --profile
+adds torch.profiler's per-op table of one compiled run.
 
 Measured against the project's `softsrv.sample` on the bench's decode workload (32-token embedded
 prompt, 48 new tokens, fp32, temperature 1); both prefill eagerly, so the difference is the steps.
@@ -66,7 +68,8 @@ def step(tok, ks, vs, slot, bias):
     return F.linear(rms(m.norm_f, x)[:, 0], m.tok_emb.weight)
 
 
-compiled = torch.compile(step, dynamic=False)
+flags = {a for a in sys.argv[1:] if a.startswith("--")}
+compiled = torch.compile(step, dynamic="--dynamic" in flags)
 
 
 def run_compiled(prefix, seed=0):
@@ -90,7 +93,8 @@ def run_eager(prefix, seed=0):
     return softsrv.sample(m, prefix, N, temperature=1.0, eos_id=None, generator=torch.Generator().manual_seed(seed))
 
 
-for B in map(int, sys.argv[1:] or ["64"]):
+print(f"shapes {'dynamic' if '--dynamic' in flags else 'static'}")
+for B in [int(a) for a in sys.argv[1:] if not a.startswith("--")] or [64]:
     prefix = m.embed(torch.randint(0, cfg.vocab_size, (B, T0), generator=torch.Generator().manual_seed(0)))
     t = time.perf_counter()
     got = run_compiled(prefix)
@@ -102,3 +106,9 @@ for B in map(int, sys.argv[1:] or ["64"]):
         t = time.perf_counter(); run_eager(prefix); e = B * N / (time.perf_counter() - t)
         t = time.perf_counter(); run_compiled(prefix); c = B * N / (time.perf_counter() - t)
         print(f"  eager {e:.1f} tok/s, compiled step {c:.1f} tok/s: x{c / e:.2f}", flush=True)
+    if "--profile" in flags:
+        from torch.profiler import profile
+        with profile() as prof:
+            run_compiled(prefix)
+        print(f"  one compiled run ({N - 1} compiled steps after an eager prefill), per-op self CPU time:")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
