@@ -250,6 +250,21 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 _MKL_PACK = torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight")
+_ONEDNN_PACK_BF16 = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+                     and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def _packed_rows(x: torch.Tensor, w: torch.Tensor, rows: int) -> bool:
+    """Whether a frozen weight's product with these rows takes a prepacked GEMM (README: Performance):
+    fp32 through MKL's packed GEMM at 4-256 rows (below 4 rows, memory-bound, and from a few hundred
+    rows, where the pack's cost is amortized anyway, it is no faster; for the LM head at 512 rows
+    slower); bf16 through oneDNN's at 1-128 rows (x1.1-2 here; no gain at 256). Neither has a
+    backward, so not where x's gradient is wanted."""
+    if x.device.type != "cpu" or x.dtype != w.dtype or (x.requires_grad and torch.is_grad_enabled()):
+        return False
+    if x.dtype == torch.float32:
+        return _MKL_PACK and 4 <= rows <= 256
+    return x.dtype == torch.bfloat16 and _ONEDNN_PACK_BF16 and rows <= 128
 
 
 def fused_linear(x: torch.Tensor, layers: list[nn.Module]) -> list[torch.Tensor]:
@@ -259,11 +274,11 @@ def fused_linear(x: torch.Tensor, layers: list[nn.Module]) -> list[torch.Tensor]
     Why: a decode step's matmuls have a few rows, and on a CPU each call pays a fixed cost: thread
     start-up, and repacking the weight into the BLAS kernel's layout, which costs as much as the
     product itself at 16 rows. So frozen weights are concatenated (2 calls instead of 5 per block)
-    and, in fp32 on a CPU with MKL, packed once (MKL's packed GEMM, the one torch.compile's
-    freezing uses): 1.3-4.6x faster matmuls at 4-64 rows (README: Performance). The cached copies
-    are rebuilt when a weight changes (moved, cast or updated in place); weights being trained
-    (fine-tuning) take plain matmuls. Layers need `.weight`; a missing `.bias` counts as none, so
-    the tied LM head passes its nn.Embedding.
+    and packed once into the GEMM kernel's layout (the packed GEMMs torch.compile's freezing uses:
+    MKL's for fp32, oneDNN's for bf16): fp32 1.3-4.6x faster matmuls at 4-64 rows, bf16 1.1-2x at
+    1-64 (README: Performance). The cached copies are rebuilt when a weight changes (moved, cast or
+    updated in place); weights being trained (fine-tuning) take plain matmuls. Layers need
+    `.weight`; a missing `.bias` counts as none, so the tied LM head passes its nn.Embedding.
     """
     ws = [lin.weight for lin in layers]
     if any(w.requires_grad for w in ws):
@@ -277,15 +292,16 @@ def fused_linear(x: torch.Tensor, layers: list[nn.Module]) -> list[torch.Tensor]
         cached = layers[0].__dict__["_fused"] = [key, w, bias, None]   # packed on first use
     _, w, bias, packed = cached
     rows = x.numel() // x.shape[-1]
-    # MKL's packed GEMM has no backward; below 4 rows (memory-bound) and from a few hundred rows
-    # (the pack's cost is then amortized anyway) it is no faster, for the LM head at 512 rows slower.
-    if (_MKL_PACK and 4 <= rows <= 256 and x.dtype == w.dtype == torch.float32 and x.device.type == "cpu"
-            and not (x.requires_grad and torch.is_grad_enabled())):
+    if not _packed_rows(x, w, rows):
+        y = F.linear(x, w, bias)
+    elif w.dtype == torch.float32:
         if packed is None:                             # only runs that use it pay its memory
             packed = cached[3] = torch.ops.mkl._mkl_reorder_linear_weight(w, 64)
         y = torch.ops.mkl._mkl_linear(x, packed, w, bias, rows)
     else:
-        y = F.linear(x, w, bias)
+        if packed is None:
+            packed = cached[3] = torch.ops.mkldnn._reorder_linear_weight(w, 16)
+        y = torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [None], "")
     return list(y.split([w_.shape[0] for w_ in ws], dim=-1)) if len(ws) > 1 else [y]
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from conftest import ROOT, has_package, save_hf, tiny_llama_config
@@ -403,3 +404,28 @@ def test_keep_freed_memory_reuses_big_blocks_without_page_faults():
     if not got["keep"][0]:
         pytest.skip("not glibc")
     assert got["default"][1] > 10_000 and got["keep"][1] < 1_000, got
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_linear_packed_equals_plain_linears(dtype):
+    """fused_linear (concatenated weights, prepacked GEMM where it applies: fp32 at 4-256 rows,
+    bf16 at 1-128) gives each layer's own F.linear at every row count, and repacks after an
+    in-place weight update."""
+    import model as M
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(64, n, bias=b).to(dtype).requires_grad_(False) for n, b in ((96, True), (32, True))]
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for rows in (1, 5, 16, 300):
+        x = torch.randn(rows, 64, dtype=dtype)
+        got = M.fused_linear(x, layers)
+        for y, lin in zip(got, layers):
+            assert (y.float() - F.linear(x, lin.weight, lin.bias).float()).abs().max().item() < tol, rows
+    packs = {torch.float32: M._MKL_PACK, torch.bfloat16: M._ONEDNN_PACK_BF16}[dtype]
+    assert (layers[0].__dict__["_fused"][3] is not None) == packs      # 5 and 16 rows took the packed path
+    x = torch.randn(16, 64, dtype=dtype)
+    with torch.no_grad():
+        layers[1].weight.mul_(-1)
+    assert (M.fused_linear(x, layers)[1].float() - F.linear(x, layers[1].weight, layers[1].bias).float()).abs().max() < tol
+    x.requires_grad_(True)                        # a gradient wanted for x: plain F.linear, which has a backward
+    M.fused_linear(x, layers)[0].sum().backward()
+    assert x.grad is not None
