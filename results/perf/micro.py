@@ -2,8 +2,8 @@
 
     python results/perf/micro.py > results/perf/micro.txt
 
-1. fp32 matmul GFLOP/s at the default model's shapes: F.linear against MKL's packed GEMM on a weight
-   packed once (what model.fused_linear does for frozen weights), at 1-512 rows.
+1. Matmul GFLOP/s at the default model's shapes: F.linear against the packed GEMM on a weight packed
+   once (what model.fused_linear does for frozen weights: MKL's in fp32, oneDNN's in bf16), 1-512 rows.
 2. Sampling one token per row over the 49,152-entry vocabulary: torch.multinomial against inverting
    the CDF (softsrv.draw), and the top-p filter by full sort against softsrv.filter_logits, on the
    default model's real next-token logits (every position of 16 GSM8K questions; the nucleus size
@@ -41,17 +41,24 @@ def full_sort_top_p(logits, top_p):
 
 torch.manual_seed(0)
 print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load {os.getloadavg()[0]:.2f}")
-print("\n1. fp32 GFLOP/s, F.linear vs MKL packed weight (N x K = out x in)")
-for name, (N, K) in {"q|k|v": (960, 576), "o": (576, 576), "gate|up": (3072, 576), "down": (576, 1536),
-                     "LM head": (49152, 576)}.items():
-    w = torch.randn(N, K)
-    packed = torch.ops.mkl._mkl_reorder_linear_weight(w, 64)
-    for M in (1, 4, 16, 64, 512):
-        x = torch.randn(M, K)
-        a = per_call(lambda: F.linear(x, w))
-        b = per_call(lambda: torch.ops.mkl._mkl_linear(x, packed, w, None, M))
-        gf = 2 * M * N * K / 1e9
-        print(f"  {name:8s} {N:5d}x{K:<4d} rows {M:3d}: F.linear {gf / a:6.1f}  packed {gf / b:6.1f}  x{a / b:.2f}")
+packs = {  # dtype -> (name, pack(w), packed product(x, packed, w))
+    torch.float32: ("MKL", lambda w: torch.ops.mkl._mkl_reorder_linear_weight(w, 64),
+                    lambda x, p, w: torch.ops.mkl._mkl_linear(x, p, w, None, x.shape[0])),
+    torch.bfloat16: ("oneDNN", lambda w: torch.ops.mkldnn._reorder_linear_weight(w, 16),
+                     lambda x, p, w: torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [None], "")),
+}
+for dtype, (lib, pack, packed_linear) in packs.items():
+    print(f"\n1. {str(dtype)[6:]} GFLOP/s, F.linear vs {lib} packed weight (N x K = out x in)")
+    for name, (N, K) in {"q|k|v": (960, 576), "o": (576, 576), "gate|up": (3072, 576), "down": (576, 1536),
+                         "LM head": (49152, 576)}.items():
+        w = torch.randn(N, K).to(dtype)
+        packed = pack(w)
+        for M in (1, 4, 16, 64, 128, 512):
+            x = torch.randn(M, K).to(dtype)
+            a = per_call(lambda: F.linear(x, w))
+            b = per_call(lambda: packed_linear(x, packed, w))
+            gf = 2 * M * N * K / 1e9
+            print(f"  {name:8s} {N:5d}x{K:<4d} rows {M:3d}: F.linear {gf / a:6.1f}  packed {gf / b:6.1f}  x{a / b:.2f}")
 
 model, tok = load_model(DEFAULT_MODEL, dtype=torch.float32), load_tokenizer(DEFAULT_MODEL)
 ids, mask = left_pad([tok.encode(e.text) for e in data.load_examples("gsm8k", split="test", limit=16)])
