@@ -275,7 +275,7 @@ def fused_linear(x: torch.Tensor, layers: list[nn.Module]) -> list[torch.Tensor]
     start-up, and repacking the weight into the BLAS kernel's layout, which costs as much as the
     product itself at 16 rows. So frozen weights are concatenated (2 calls instead of 5 per block)
     and packed once into the GEMM kernel's layout (the packed GEMMs torch.compile's freezing uses:
-    MKL's for fp32, oneDNN's for bf16): fp32 1.3-4.6x faster matmuls at 4-64 rows, bf16 1.1-2x at
+    MKL's for fp32, oneDNN's for bf16): fp32 1.3-4.6x faster matmuls at 4-64 rows, bf16 1.1-2.2x at
     1-64 (README: Performance). The cached copies are rebuilt when a weight changes (moved, cast or
     updated in place); weights being trained (fine-tuning) take plain matmuls. Layers need
     `.weight`; a missing `.bias` counts as none, so the tied LM head passes its nn.Embedding.
