@@ -207,13 +207,13 @@ def keep_freed_memory() -> bool:
     """
     import ctypes
     import sys
+    if sys.platform != "linux":
+        return False
     try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt if sys.platform == "linux" else None
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):   # musl or another libc
         return False
     M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-    if mallopt is None:
-        return False
     # No mmap for big blocks (they come from the heap and go back to it), and never shrink the heap.
     return bool(mallopt(M_MMAP_MAX, 0)) & bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))   # both, always
 
@@ -254,7 +254,7 @@ _ONEDNN_PACK_BF16 = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.
                      and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def _packed_rows(x: torch.Tensor, w: torch.Tensor, rows: int) -> bool:
+def _use_packed_gemm(x: torch.Tensor, w: torch.Tensor, rows: int) -> bool:
     """Whether a frozen weight's product with these rows takes a prepacked GEMM (README: Performance):
     fp32 through MKL's packed GEMM at 4-256 rows (below 4 rows, memory-bound, and from a few hundred
     rows, where the pack's cost is amortized anyway, it is no faster; for the LM head at 512 rows
@@ -292,7 +292,7 @@ def fused_linear(x: torch.Tensor, layers: list[nn.Module]) -> list[torch.Tensor]
         cached = layers[0].__dict__["_fused"] = [key, w, bias, None]   # packed on first use
     _, w, bias, packed = cached
     rows = x.numel() // x.shape[-1]
-    if not _packed_rows(x, w, rows):
+    if not _use_packed_gemm(x, w, rows):
         y = F.linear(x, w, bias)
     elif w.dtype == torch.float32:
         if packed is None:                             # only runs that use it pay its memory
