@@ -244,11 +244,6 @@ def _bf16_speedup() -> float:
     return sum(best[r, torch.float32] for r in (16, 256)) / sum(best[r, torch.bfloat16] for r in (16, 256))
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 _MKL_PACK = torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight")
 _ONEDNN_PACK_BF16 = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
                      and torch.ops.mkldnn._is_mkldnn_bf16_supported())
@@ -260,16 +255,16 @@ def _use_packed_gemm(x: torch.Tensor, w: torch.Tensor, rows: int) -> bool:
     rows, where the pack's cost is amortized anyway, it is no faster; for the LM head at 512 rows
     slower); bf16 through oneDNN's at 1-128 rows (x1.1-2 here; no gain at 256). Neither has a
     backward, so not where x's gradient is wanted."""
-    if x.device.type != "cpu" or x.dtype != w.dtype or (x.requires_grad and torch.is_grad_enabled()):
+    if not x.is_cpu or x.dtype != w.dtype or (x.requires_grad and torch.is_grad_enabled()):
         return False
     if x.dtype == torch.float32:
         return _MKL_PACK and 4 <= rows <= 256
     return x.dtype == torch.bfloat16 and _ONEDNN_PACK_BF16 and rows <= 128
 
 
-def fused_linear(x: torch.Tensor, layers: list[nn.Module]) -> list[torch.Tensor]:
+def fused_linear(x: torch.Tensor, layers: list[nn.Module]) -> torch.Tensor:
     """Linear layers of the same input (q/k/v; SwiGLU's gate/up; or just one) as ONE matmul,
-    on a prepacked weight where that pays.
+    on a prepacked weight where that pays: their outputs side by side in the last dimension.
 
     Why: a decode step's matmuls have a few rows, and on a CPU each call pays a fixed cost: thread
     start-up, and repacking the weight into the BLAS kernel's layout, which costs as much as the
@@ -277,16 +272,19 @@ def fused_linear(x: torch.Tensor, layers: list[nn.Module]) -> list[torch.Tensor]
     and packed once into the GEMM kernel's layout (the packed GEMMs torch.compile's freezing uses:
     MKL's for fp32, oneDNN's for bf16): fp32 1.3-4.6x faster matmuls at 4-64 rows, bf16 1.1-2.2x at
     1-64 (README: Performance). The cached copies are rebuilt when a weight changes (moved, cast or
-    updated in place); weights being trained (fine-tuning) take plain matmuls. Layers need
-    `.weight`; a missing `.bias` counts as none, so the tied LM head passes its nn.Embedding.
+    updated in place); weights being trained (fine-tuning) take plain matmuls. Layers need a
+    `weight` parameter; a missing `bias` counts as none, so the tied LM head passes its nn.Embedding.
     """
-    ws = [lin.weight for lin in layers]
+    # Module.__getattr__ (lin.weight) costs ~0.7 us a call and a decode step makes 121 of these calls.
+    ws = [lin._parameters["weight"] for lin in layers]
     if any(w.requires_grad for w in ws):
-        return [F.linear(x, lin.weight, getattr(lin, "bias", None)) for lin in layers]
-    key = tuple((w.data_ptr(), w._version, w.dtype, w.device) for w in ws)
+        ys = [F.linear(x, w, lin._parameters.get("bias")) for w, lin in zip(ws, layers)]
+        return ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)
+    # CPU and GPU memory are one address space, so the pointer also tells the device.
+    key = [(w.data_ptr(), w._version, w.dtype) for w in ws]
     cached = layers[0].__dict__.get("_fused")          # a plain attribute: not in the state dict
     if cached is None or cached[0] != key:
-        biases = [getattr(lin, "bias", None) for lin in layers]
+        biases = [lin._parameters.get("bias") for lin in layers]
         w = ws[0] if len(ws) == 1 else torch.cat(ws)
         bias = None if biases[0] is None else biases[0] if len(ws) == 1 else torch.cat(biases)
         cached = layers[0].__dict__["_fused"] = [key, w, bias, None]   # packed on first use
@@ -302,7 +300,7 @@ def fused_linear(x: torch.Tensor, layers: list[nn.Module]) -> list[torch.Tensor]
         if packed is None:
             packed = cached[3] = torch.ops.mkldnn._reorder_linear_weight(w, 16)
         y = torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [None], "")
-    return list(y.split([w_.shape[0] for w_ in ws], dim=-1)) if len(ws) > 1 else [y]
+    return y
 
 
 # ----------------------------------------------------------------------------------------------
@@ -372,16 +370,17 @@ class Attention(nn.Module):
     def forward(self, x, rope, attn_mask, cache: KVCache | None, layer: int, start: int):
         B, T, _ = x.shape
         hd = self.cfg.head_dim
-        q, k, v = fused_linear(x, [self.q, self.k, self.v])
-        q = q.reshape(B, T, -1, hd).transpose(1, 2)                  # [B, H, T, hd]
-        k = k.reshape(B, T, -1, hd).transpose(1, 2)                  # [B, Hkv, T, hd]
-        v = v.reshape(B, T, -1, hd).transpose(1, 2)
+        H, Hkv = self.cfg.n_head, self.cfg.n_kv_head
+        qkv = fused_linear(x, [self.q, self.k, self.v]).view(B, T, H + 2 * Hkv, hd)
+        qk, v = qkv.split([H + Hkv, Hkv], dim=2)                        # queries and keys: one tensor
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+            q, k = qk.split([H, Hkv], dim=2)
+            qk = torch.cat((self.q_norm(q), self.k_norm(k)), dim=2)
         if rope is not None:
-            cos, sin = rope                                          # [B, 1, T, hd]
-            q = q * cos + rotate_half(q) * sin
-            k = k * cos + rotate_half(k) * sin
+            cos, sin = rope   # [B, T, 1, hd]; rotate_half(x) * sin == x.roll(hd/2) * sin with sin's first half negated
+            qk = qk * cos + qk.roll(hd // 2, -1) * sin
+        q, k = qk.split([H, Hkv], dim=2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)        # [B, heads, T, hd]
         if cache is not None:
             cache.k[layer, :, :, start:start + T] = k
             cache.v[layer, :, :, start:start + T] = v
@@ -393,7 +392,7 @@ class Attention(nn.Module):
             is_causal = attn_mask is None and T > 1 and start == 0
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale,
                                                enable_gqa=self.cfg.n_kv_head != self.cfg.n_head)
-        return fused_linear(y.transpose(1, 2).reshape(B, T, -1), [self.o])[0]
+        return fused_linear(y.transpose(1, 2).reshape(B, T, -1), [self.o])
 
     def _softcapped(self, q, k, v, attn_mask):
         """Gemma 2 attention: the scores are soft-capped before the mask, which SDPA cannot do.
@@ -419,11 +418,11 @@ class MLP(nn.Module):
 
     def forward(self, x):
         if self.gelu:
-            return fused_linear(F.gelu(fused_linear(x, [self.fc])[0], approximate="tanh"), [self.proj])[0]
-        gate, up = fused_linear(x, [self.gate, self.up])
+            return fused_linear(F.gelu(fused_linear(x, [self.fc]), approximate="tanh"), [self.proj])
+        gate, up = fused_linear(x, [self.gate, self.up]).chunk(2, dim=-1)
         if self.gated_gelu:
-            return fused_linear(F.gelu(gate, approximate="tanh") * up, [self.down])[0]  # GeGLU
-        return fused_linear(F.silu(gate) * up, [self.down])[0]                          # SwiGLU
+            return fused_linear(F.gelu(gate, approximate="tanh") * up, [self.down])  # GeGLU
+        return fused_linear(F.silu(gate) * up, [self.down])                          # SwiGLU
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
@@ -486,7 +485,7 @@ class Transformer(nn.Module):
         """The LM head: final hidden states [..., d] -> logits [..., V]."""
         head = self.tok_emb if self.lm_head is None else self.lm_head
         # As one 2-D matmul: on a 3-D (or sliced) input F.linear may batch it and copy w per row.
-        out = fused_linear(hidden.reshape(-1, hidden.shape[-1]), [head])[0].view(*hidden.shape[:-1], -1)
+        out = fused_linear(hidden.reshape(-1, hidden.shape[-1]), [head]).view(*hidden.shape[:-1], -1)
         if self.cfg.final_softcap is not None:
             out = torch.tanh(out / self.cfg.final_softcap) * self.cfg.final_softcap
         return out
@@ -559,9 +558,9 @@ class Transformer(nn.Module):
 
     @staticmethod
     def _rope(pos: torch.Tensor, inv_freq: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = pos[..., None].float() * inv_freq                      # [B, T, hd/2]
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None]                # [B, 1, T, hd]
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        freqs = pos[..., None, None].float() * inv_freq                 # [B, T, 1, hd/2]
+        cos, sin = freqs.cos().to(dtype), freqs.sin().to(dtype)
+        return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)   # [B, T, 1, hd]
 
     @staticmethod
     def _mask(key_valid: torch.Tensor, start: int, T: int) -> torch.Tensor:

@@ -56,8 +56,8 @@ def step(tok, ks, vs, slot, bias):
         q = F.linear(h, a.q.weight).view(B, 1, cfg.n_head, hd).transpose(1, 2)
         k = F.linear(h, a.k.weight).view(B, 1, cfg.n_kv_head, hd).transpose(1, 2)
         v = F.linear(h, a.v.weight).view(B, 1, cfg.n_kv_head, hd).transpose(1, 2)
-        q = q * cos + M.rotate_half(q) * sin
-        k = k * cos + M.rotate_half(k) * sin
+        q = q * cos + q.roll(hd // 2, -1) * sin                        # model._rope negates sin[:hd/2]
+        k = k * cos + k.roll(hd // 2, -1) * sin
         k_cache.index_copy_(2, slot.view(1), k)
         v_cache.index_copy_(2, slot.view(1), v)
         scores = q.reshape(B, cfg.n_kv_head, rep, hd) @ k_cache.transpose(-1, -2) * a.scale + bias[:, None, None]
