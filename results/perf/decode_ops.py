@@ -11,7 +11,9 @@ one RoPE over the [B, T, H + Hkv, hd] block of queries and keys, rotate_half(x) 
 x.roll(hd/2) * sin with sin's first half negated (the same products, so the same bits). Both run
 softsrv.sample on the default model (the bench's decode workload: 32-token embedded prompt, 48 new
 tokens, no EOS), alternating, four times each, same generator seed: tok/s sorted, and whether the
-tokens are identical.
+tokens are identical; first, the aten ops one batch-1 decode step dispatches, views included. Last,
+in fp32, the SoftSRV train step (loss and backward to θ), which runs the same attention code:
+seconds per step and whether the gradients are identical.
 """
 import os
 import sys
@@ -19,6 +21,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.getcwd())
 import model as M  # noqa: E402
@@ -76,10 +79,11 @@ def attention_before(self, x, rope, attn_mask, cache, layer, start):
     cos, sin = rope                                    # [B, 1, T, hd]
     q = q * cos + rotate_half(q) * sin
     k = k * cos + rotate_half(k) * sin
-    cache.k[layer, :, :, start:start + T] = k
-    cache.v[layer, :, :, start:start + T] = v
-    k = cache.k[layer, :, :, :start + T]
-    v = cache.v[layer, :, :, :start + T]
+    if cache is not None:
+        cache.k[layer, :, :, start:start + T] = k
+        cache.v[layer, :, :, start:start + T] = v
+        k = cache.k[layer, :, :, :start + T]
+        v = cache.v[layer, :, :, :start + T]
     is_causal = attn_mask is None and T > 1 and start == 0
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale,
                                        enable_gqa=self.cfg.n_kv_head != self.cfg.n_head)
@@ -103,11 +107,37 @@ def use(which):
     M.Attention.forward, M.MLP.forward, M.Transformer.logits, M.Transformer._rope = PATCHES[which]
 
 
+class CountOps(TorchDispatchMode):
+    """Counts the aten ops a piece of code dispatches (views included)."""
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+@torch.no_grad()
+def ops_per_step(m):
+    """aten ops of one batch-1 decode step (forward to the logits), after a 32-token prefill."""
+    cache = m.new_cache(1, 40)
+    m.logits(m.hidden_states(m.embed(torch.zeros(1, 32, dtype=torch.long)), cache=cache)[:, -1])
+    with CountOps() as count:
+        m.logits(m.hidden_states(m.embed(torch.zeros(1, 1, dtype=torch.long)), cache=cache)[:, -1])
+    return count.n
+
+
 print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load {os.getloadavg()[0]:.2f}")
 M.keep_freed_memory()
 for dtype in (torch.float32, torch.bfloat16):
     m = M.load_model(M.DEFAULT_MODEL, dtype=dtype)
     assert m.cfg.arch == "llama" and not m.cfg.qkv_bias and m.lm_head is None   # what the copies above cover
+    counts = {}
+    for which in PATCHES:
+        use(which)
+        counts[which] = ops_per_step(m)
+    print(f"{str(dtype)[6:]} aten ops per decode step: before {counts['before']}, after {counts['after']}")
     for B in (1, 16):
         prefix = m.embed(torch.randint(0, m.cfg.vocab_size, (B, 32), generator=torch.Generator().manual_seed(0)))
 
@@ -126,4 +156,24 @@ for dtype in (torch.float32, torch.bfloat16):
         print(f"{str(dtype)[6:]} batch {B:2d}: " + "; ".join(
             f"{k} " + " ".join(f"{x:.1f}" for x in sorted(v)) for k, v in tok_s.items())
             + f" tok/s; same tokens: {tokens['before'] == tokens['after']}")
+    if dtype == torch.float32:   # the same code in the SoftSRV train step (backward to θ; bench.py's train workload)
+        g = torch.Generator().manual_seed(0)
+        init = m.tok_emb.weight[torch.randint(0, m.cfg.vocab_size, (32,), generator=g)].float()
+        z = torch.randn(8, m.cfg.d_model, generator=g)
+        targets = softsrv.pad_targets(torch.randint(0, m.cfg.vocab_size, (8, 64), generator=g).tolist(), eos_id=0,
+                                      max_tokens=64, device="cpu")
+        prompt = softsrv.SoftPromptMC(32, m.cfg.d_model, m.cfg.d_model, init)
+        secs, grads = {"before": [], "after": []}, {}
+        for rep in range(4):
+            for which in secs:
+                use(which)
+                prompt.zero_grad()
+                t0 = time.perf_counter()
+                softsrv.softsrv_loss(m, prompt(z), targets).backward()
+                secs[which].append(time.perf_counter() - t0)
+                grads[which] = [p.grad.clone() for p in prompt.parameters()]
+        same = all(torch.equal(a, b) for a, b in zip(grads["before"], grads["after"]))
+        print("float32 train step (t=32, batch 8, 64-token targets, loss + backward): " + "; ".join(
+            f"{k} " + " ".join(f"{x:.2f}" for x in sorted(v[1:])) for k, v in secs.items())
+            + f" s (first call of each left out); same gradients: {same}")
     use("after")
