@@ -7,7 +7,7 @@ round-robin over the train fold as in Appendix A.2 (SS_NP ignores the context). 
 any kind goes into H. Output is JSONL, one sample a line; re-running the same command after an
 interruption appends only the missing samples (batch b is always drawn with seed (seed, b)).
 
-    torchrun --nproc_per_node=2 generate.py --ckpt out/ss_mc --n 1000
+    torchrun --nproc_per_node=2 generate.py --ckpt out/ss_mc --num-samples 1000
 
 Under torchrun each rank decodes its own share of the missing batches; rank 0 gathers every round
 and writes the one JSONL in batch order, the same file a single process writes.
@@ -15,7 +15,6 @@ and writes the one JSONL in batch order, the same file a single process writes.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
@@ -24,7 +23,7 @@ from tqdm import tqdm
 import data
 from model import DTYPES, dtype_of, keep_freed_memory, load_model, load_tokenizer
 from softsrv import ContextEncoder, context_vectors, load_checkpoint, sample
-from train import TrainConfig, init_distributed, load_training_data, rank0_first
+from train import TrainConfig, append_in_rounds, cli_errors, init_distributed, load_training_data, rank0_first
 
 
 def generate(ckpt: str, n: int, out: str | None = None, temperature: float = 1.0, top_p: float = 1.0,
@@ -78,21 +77,8 @@ def generate(ckpt: str, n: int, out: str | None = None, temperature: float = 1.0
                  **settings} for i, c, ids in zip(idx, ctx, rows) if i not in done]
 
     bar = tqdm(total=n, initial=len(done), desc=f"{record['method']} samples", unit="sample", disable=rank != 0)
-    # Round r: rank k decodes todo[r * world + k]; rank 0 writes the round's batches in order, so the
-    # file is the one-process file, and an interrupted run resumes from whole rounds already written.
-    for r in range(0, len(todo), world):
-        mine = batch_records(todo[r + rank]) if r + rank < len(todo) else []
-        rounds = [mine]
-        if world > 1:
-            rounds = [None] * world
-            torch.distributed.all_gather_object(rounds, mine)
-        if rank == 0:
-            records = [rec for part in rounds for rec in part]
-            data.write_jsonl(out_path, records, append=True)
-            bar.update(len(records))
+    append_in_rounds(out_path, todo, batch_records, rank, world, on_write=bar.update)
     bar.close()
-    if world > 1:
-        torch.distributed.barrier()   # no rank returns before the file is complete
     if rank == 0:
         print(f"wrote {out_path}")
     return out_path
@@ -118,14 +104,9 @@ def main(argv=None):
         p.error("--n and --batch-size must be at least 1")
     if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
         p.error("need --temperature >= 0, 0 < --top-p <= 1, --top-k >= 0")
-    try:
+    with cli_errors():
         generate(args.ckpt, args.n, args.out, args.temperature, args.top_p, args.top_k, args.batch_size,
                  args.max_new_tokens, args.seed, args.dtype)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

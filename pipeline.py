@@ -3,6 +3,7 @@
     python pipeline.py --task gsm8k --method mc                  # SoftSRV SS_MC, cpu preset
     python pipeline.py --task gsm8k --method pt                  # the prompt-template baseline
     python pipeline.py --task gsm8k --method mc --preset tiny    # everything, a few minutes
+    torchrun --nproc_per_node=2 pipeline.py --task gsm8k --method mc   # 2 processes share the decoding
 
 Steps, each writing into the run folder (default runs/<task>-<method>) and skipped when its output
 is already complete, so the same command after an interruption continues where it stopped:
@@ -16,14 +17,19 @@ is already complete, so the same command after an interruption continues where i
   6. evaluate    task metric + held-out answer loss per checkpoint, MAUVE of the questions  -> eval/, mauve.json
 and report.md / report.json / curve.png. Methods: np, mp, mc (SoftSRV, Eq. 1-3), pt, pt_sr (the
 templates of Appendix C, word for word, in TEMPLATES), train (the real train fold itself).
+
+Under torchrun (gloo on CPUs, nccl on GPUs) every rank takes part in steps 1-3: the training is
+train.py's data-parallel one, and the generations and answers are dealt out in batches, which rank 0
+writes in order, so every file is the one a single process writes with the same seed. Steps 4-6
+run in rank 0 alone; the other ranks exit once step 3 is done.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
 import re
-import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -154,10 +160,13 @@ class PipelineConfig:
 
 class Run:
     """The run folder: settings.json (refuses other settings), state.json (finished steps with their
-    counts and times), and each step's files."""
+    counts and times), and each step's files; and the processes working on it. Under torchrun every
+    rank runs the steps that decode (train, generate, answer), each on its share, and rank 0 alone
+    writes the run's files and runs the rest."""
 
-    def __init__(self, cfg: PipelineConfig, out: Path):
+    def __init__(self, cfg: PipelineConfig, out: Path, rank: int = 0, world: int = 1, device: str = "cpu"):
         self.cfg, self.out = cfg, out
+        self.rank, self.world, self.device = rank, world, device
         out.mkdir(parents=True, exist_ok=True)
         mine = asdict(cfg)
         path = out / "settings.json"
@@ -167,28 +176,34 @@ class Run:
             if diff:
                 raise ValueError(f"{out}: holds a run with other settings ({'; '.join(diff)}); "
                                  f"choose another --out or delete the folder")
-        else:
+        elif rank == 0:
             _write_json(path, mine)
         self.state = json.loads((out / "state.json").read_text()) if (out / "state.json").exists() else {}
 
     def done(self, step: str) -> bool:
         return step in self.state
 
+    def log(self, *args):
+        if self.rank == 0:
+            print(*args, flush=True)
+
+    def start(self, step: str, what: str) -> float:
+        self.log(f"[{step}] {what}")
+        return time.time()
+
     def finish(self, step: str, counts: dict, t0: float):
         self.state[step] = {**counts, "seconds": round(time.time() - t0, 1)}
-        _write_json(self.out / "state.json", self.state)
-        print(f"[{step}] done in {self.state[step]['seconds']:.0f}s: "
-              + ", ".join(f"{k} {v}" for k, v in counts.items() if not isinstance(v, (dict, list))), flush=True)
+        if self.rank == 0:
+            _write_json(self.out / "state.json", self.state)
+        self.log(f"[{step}] done in {self.state[step]['seconds']:.0f}s: "
+                 + ", ".join(f"{k} {v}" for k, v in counts.items() if not isinstance(v, (dict, list))))
+        if self.world > 1:
+            torch.distributed.barrier()    # the step's files are written before any rank reads them
 
 
 def _write_json(path: Path, obj):
     from softsrv import _atomic_write
     _atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2, ensure_ascii=False)))
-
-
-def _start(step: str, what: str) -> float:
-    print(f"[{step}] {what}", flush=True)
-    return time.time()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -293,7 +308,7 @@ def step_train(run: Run):
     from softsrv import CKPT_CONFIG
     cfg = run.cfg
     tcfg = train_cfg(cfg, run.out)
-    t0 = _start("train", f"SS_{cfg.method.upper()} on {cfg.task} train questions, {tcfg.steps} steps -> {tcfg.out}")
+    t0 = run.start("train", f"SS_{cfg.method.upper()} on {cfg.task} train questions, {tcfg.steps} steps -> {tcfg.out}")
     resume = (Path(tcfg.out) / CKPT_CONFIG).exists()
     result = train.train(tcfg, resume=resume, show_samples=0)
     hist = result["history"]
@@ -318,15 +333,15 @@ def _complete(model, tok, texts: list[str], cfg: PipelineConfig, seed: int, chat
     return [tok.decode(x).strip() for x in ids]
 
 
-def _in_chunks(path: Path, n: int, chunk: int, make, desc: str):
-    """Append records 0..n-1 to a JSONL in chunks, skipping indices already there (resume)."""
+def _in_chunks(run: Run, path: Path, n: int, chunk: int, make, desc: str):
+    """Append records 0..n-1 to a JSONL in chunks, skipping indices already there (resume); under
+    torchrun the ranks make the chunks in turn (train.append_in_rounds). Every rank gets all records."""
+    from train import append_in_rounds
     done = {r["index"] for r in data.read_jsonl(path)} if path.exists() else set()
     todo = [i for i in range(n) if i not in done]
-    bar = tqdm(total=n, initial=n - len(todo), desc=desc, unit="item", dynamic_ncols=True)
-    for s in range(0, len(todo), chunk):
-        idx = todo[s:s + chunk]
-        data.write_jsonl(path, make(idx), append=True)
-        bar.update(len(idx))
+    bar = tqdm(total=n, initial=n - len(todo), desc=desc, unit="item", dynamic_ncols=True, disable=run.rank != 0)
+    append_in_rounds(path, [todo[s:s + chunk] for s in range(0, len(todo), chunk)], make, run.rank, run.world,
+                     on_write=bar.update)
     bar.close()
     return sorted(data.read_jsonl(path), key=lambda r: r["index"])
 
@@ -337,7 +352,7 @@ def generate_pt(run: Run, n_completions: int, train_ex: list[data.Example]) -> l
     continued, so it goes in as plain text: SmolLM2-135M-Instruct then continues the numbered list,
     while as a chat turn it mostly answers with one question (README, "Prompt-template baselines")."""
     cfg = run.cfg
-    model = load_model(cfg.generator, dtype=dtype_of(cfg.dtype))
+    model = load_model(cfg.generator, dtype=dtype_of(cfg.dtype, run.device), device=run.device)
     tok = load_tokenizer(cfg.generator)
     tmpl = TEMPLATES[cfg.task]["question"]
     from eval import cut_at, stop_on
@@ -351,14 +366,14 @@ def generate_pt(run: Run, n_completions: int, train_ex: list[data.Example]) -> l
         outs = [cut_at(o, stops) for o in outs]
         return [{"index": i, "context_id": train_ex[i % len(train_ex)].id, "completion": o}
                 for i, o in zip(idx, outs)]
-    return _in_chunks(run.out / "pt_completions.jsonl", n_completions, cfg.batch_size, make, "PT completions")
+    return _in_chunks(run, run.out / "pt_completions.jsonl", n_completions, cfg.batch_size, make, "PT completions")
 
 
 def refine_sr(run: Run, questions: list[str]) -> tuple[list[str], dict]:
     """PT_SR: up to sr_rounds of critique (Fig. 11) and refinement; a question is final once the
     refiner answers 'Stop'. Each round is saved, so an interrupted run resumes at its round."""
     cfg = run.cfg
-    model = load_model(cfg.generator, dtype=dtype_of(cfg.dtype))
+    model = load_model(cfg.generator, dtype=dtype_of(cfg.dtype, run.device), device=run.device)
     tok = load_tokenizer(cfg.generator)
     T = TEMPLATES[cfg.task]
     current, final = list(questions), [False] * len(questions)
@@ -372,7 +387,7 @@ def refine_sr(run: Run, questions: list[str]) -> tuple[list[str], dict]:
             new = _complete(model, tok, [T["refine"].format(q=q, c=c) for q, c in zip(qs, crit)], cfg,
                             cfg.seed + 7919 * r + 1 + idx[0])
             return [{"index": j, "question": q, "critique": c, "refined": n} for j, q, c, n in zip(idx, qs, crit, new)]
-        recs = _in_chunks(run.out / f"sr_round{r + 1}.jsonl", len(live), cfg.batch_size, make, f"PT_SR round {r + 1}")
+        recs = _in_chunks(run, run.out / f"sr_round{r + 1}.jsonl", len(live), cfg.batch_size, make, f"PT_SR round {r + 1}")
         n_stop = n_empty = 0
         for rec in recs:
             i = live[rec["index"]]
@@ -393,12 +408,12 @@ def step_generate(run: Run):
     train_ex = _train_fold(cfg)
     counts: dict = {}
     if cfg.method == "train":
-        t0 = _start("generate", f"the real train fold of {cfg.task}: {len(train_ex)} questions")
+        t0 = run.start("generate", f"the real train fold of {cfg.task}: {len(train_ex)} questions")
         recs = [{"question": e.text, "answer": _reference(cfg.task, e), "source": e.id} for e in train_ex]
         counts["generated"] = len(recs)
     elif cfg.method in SOFTSRV:
         import generate
-        t0 = _start("generate", f"{cfg.n_generate} SoftSRV samples (temperature {cfg.temperature}, top-p {cfg.top_p})")
+        t0 = run.start("generate", f"{cfg.n_generate} SoftSRV samples (temperature {cfg.temperature}, top-p {cfg.top_p})")
         path = generate.generate(str(run.out / "softsrv"), cfg.n_generate, out=str(run.out / "generated.jsonl"),
                                  temperature=cfg.temperature, top_p=cfg.top_p, batch_size=cfg.batch_size,
                                  max_new_tokens=cfg.question_tokens, seed=cfg.seed, dtype=cfg.dtype)
@@ -408,7 +423,7 @@ def step_generate(run: Run):
         counts["unfinished"] = sum(not r["finished"] for r in rows)
     else:
         n_comp = math.ceil(cfg.n_generate / 10)
-        t0 = _start("generate", f"{n_comp} PT completions of 10 questions (temperature {cfg.pt_temperature})")
+        t0 = run.start("generate", f"{n_comp} PT completions of 10 questions (temperature {cfg.pt_temperature})")
         comps = generate_pt(run, n_comp, train_ex)
         parsed = [parse_numbered(c["completion"]) for c in comps]    # parsed here, so a re-run re-parses
         per = [len(q) for q in parsed]
@@ -428,11 +443,12 @@ def step_generate(run: Run):
     uniq = dedup([r["question"] for r in recs])
     counts["unique"] = len(uniq)
     recs = [recs[i] for i in uniq]
-    if cfg.method != "train":
+    if cfg.method != "train" and run.rank == 0:      # the others only wait for the file
         chosen = cluster_subsample([r["question"] for r in recs], cfg.keep(), cfg.n_clusters, cfg.svd_dims, cfg.seed)
         recs = [recs[i] for i in chosen]
     counts["subsampled"] = len(recs)
-    data.write_jsonl(run.out / "questions.jsonl", [{"index": i, **r} for i, r in enumerate(recs)])
+    if run.rank == 0:
+        data.write_jsonl(run.out / "questions.jsonl", [{"index": i, **r} for i, r in enumerate(recs)])
     run.finish("generate", counts, t0)
 
 
@@ -445,14 +461,15 @@ def step_answer(run: Run):
     cfg = run.cfg
     qs = data.read_jsonl(run.out / "questions.jsonl")
     if cfg.method == "train":
-        t0 = _start("answer", f"{len(qs)} reference answers of the train fold (no generation)")
+        t0 = run.start("answer", f"{len(qs)} reference answers of the train fold (no generation)")
         recs = [{"index": r["index"], "question": r["question"], "answer": r["answer"], "finished": True} for r in qs]
-        data.write_jsonl(run.out / "answers.jsonl", recs)
+        if run.rank == 0:
+            data.write_jsonl(run.out / "answers.jsonl", recs)
     else:
         how = "the question as-is (chat format)" if cfg.method in SOFTSRV else "Fig. 9's answer template"
-        t0 = _start("answer", f"{len(qs)} questions -> {cfg.answerer}, {how}, "
+        t0 = run.start("answer", f"{len(qs)} questions -> {cfg.answerer}, {how}, "
                               f"temperature {cfg.answer_temperature}, <= {cfg.answer_tokens} tokens")
-        model = load_model(cfg.answerer, dtype=dtype_of(cfg.dtype))
+        model = load_model(cfg.answerer, dtype=dtype_of(cfg.dtype, run.device), device=run.device)
         tok = load_tokenizer(cfg.answerer)
         tmpl = "{q}" if cfg.method in SOFTSRV else TEMPLATES[cfg.task]["answer"]
 
@@ -464,7 +481,7 @@ def step_answer(run: Run):
                                      batch_size=cfg.batch_size, seed=cfg.seed * 1_000_003 + idx[0])
             return [{"index": i, "question": qs[i]["question"], "answer": tok.decode(o).strip(),
                      "finished": len(o) < cfg.answer_tokens} for i, o in zip(idx, outs)]
-        recs = _in_chunks(run.out / "answers.jsonl", len(qs), 4 * cfg.batch_size, make, "answers")
+        recs = _in_chunks(run, run.out / "answers.jsonl", len(qs), 4 * cfg.batch_size, make, "answers")
     n_empty = sum(not r["answer"] for r in recs)
     run.finish("answer", {"answered": len(recs), "empty": n_empty,
                           "hit_token_limit": sum(not r["finished"] for r in recs)}, t0)
@@ -484,7 +501,7 @@ def step_decontam(run: Run):
     cfg = run.cfg
     recs = [r for r in data.read_jsonl(run.out / "answers.jsonl") if r["answer"]]
     test = eval_items(cfg.task)
-    t0 = _start("decontam", f"{len(recs)} pairs against {len(test)} evaluated {cfg.task} items, {cfg.ngram}-grams")
+    t0 = run.start("decontam", f"{len(recs)} pairs against {len(test)} evaluated {cfg.task} items, {cfg.ngram}-grams")
     texts = [e.text for e in test] + [e.answer for e in test if e.answer]
     kept, dropped = decontaminate(recs, texts, cfg.ngram)
     data.write_jsonl(run.out / "dropped.jsonl", dropped)
@@ -509,7 +526,7 @@ def ft_cfg(run: Run):
 def step_finetune(run: Run):
     import finetune
     fcfg = ft_cfg(run)
-    t0 = _start("finetune", f"{run.cfg.student} on {run.out / 'data.jsonl'} -> {fcfg.out}")
+    t0 = run.start("finetune", f"{run.cfg.student} on {run.out / 'data.jsonl'} -> {fcfg.out}")
     ckpts = finetune.finetune(fcfg)
     run.finish("finetune", {"checkpoints": [s for s, _ in ckpts], "steps": fcfg.steps}, t0)
 
@@ -518,7 +535,7 @@ def step_evaluate(run: Run):
     import eval as ev
     cfg = run.cfg
     ckpts = [(0, cfg.student)] + [(s, str(p)) for s, p in ft_checkpoints(run)]
-    t0 = _start("evaluate", f"{len(ckpts)} models (the student before fine-tuning and each checkpoint), "
+    t0 = run.start("evaluate", f"{len(ckpts)} models (the student before fine-tuning and each checkpoint), "
                             f"{cfg.task}, {cfg.eval_limit or 'all'} held-out items; MAUVE ({cfg.buckets} buckets)")
     (run.out / "eval").mkdir(exist_ok=True)
     curve = []
@@ -631,19 +648,36 @@ def _plot_curve(path: Path, curve: list[dict], cfg: PipelineConfig) -> Path | No
 
 # ----------------------------------------------------------------------------------------------
 
+# Under torchrun all ranks take part in these (each decodes its share); the rest is rank 0's.
+SHARED_STEPS = ("train", "generate", "answer")
+
+
 def run_pipeline(cfg: PipelineConfig, out: str | None = None) -> Path:
-    run = Run(cfg, Path(out or f"runs/{cfg.task}-{cfg.method}"))
+    from train import init_distributed, rank0_first
+    rank, world, device = init_distributed()
+    with rank0_first(rank, world):         # rank 0 writes settings.json, the others then check it
+        run = Run(cfg, Path(out or f"runs/{cfg.task}-{cfg.method}"), rank, world, device)
     t0 = time.time()
     steps = ([("train", step_train)] if cfg.method in SOFTSRV else []) + [
         ("generate", step_generate), ("answer", step_answer), ("decontam", step_decontam),
         ("finetune", step_finetune), ("evaluate", step_evaluate)]
     for name, fn in steps:
+        if name not in SHARED_STEPS and run.world > 1:
+            # Fine-tuning and evaluation run in one process: ranks 1.. are done, rank 0 goes on alone.
+            run.log(f"[{name}] and the steps after it run in rank 0 alone; the other {world - 1} ranks exit")
+            if rank != 0:
+                return run.out
+            run.world = 1
+            if device == "cpu":   # torchrun gave each process its share of the cores; the others' are free now
+                local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+                torch.set_num_threads(min(os.cpu_count() or 1, torch.get_num_threads() * local))
         if run.done(name):
-            print(f"[{name}] already done ({run.state[name]['seconds']:.0f}s)")
+            run.log(f"[{name}] already done ({run.state[name]['seconds']:.0f}s)")
         else:
             fn(run)
-    write_report(run)
-    print(f"pipeline: {run.out} complete in {time.time() - t0:.0f}s")
+    if rank == 0:
+        write_report(run)
+        print(f"pipeline: {run.out} complete in {time.time() - t0:.0f}s")
     return run.out
 
 
@@ -695,11 +729,10 @@ def parse_args(argv=None) -> tuple[PipelineConfig, str | None]:
 
 
 def main(argv=None):
+    from train import cli_errors
     cfg, out = parse_args(argv)
-    try:
+    with cli_errors():
         run_pipeline(cfg, out)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

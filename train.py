@@ -101,6 +101,41 @@ def rank0_first(rank: int, world: int):
         dist.barrier()
 
 
+def append_in_rounds(path, jobs: list, make, rank: int, world: int, on_write=None):
+    """Append the records of make(job) for every job to one JSONL, in job order (generation under
+    torchrun). Round r gives job r * world + k to rank k; rank 0 gathers the round and appends it in
+    order, so the file is the one a single process writes, and an interrupted run resumes from the
+    whole rounds already there. on_write(count) is called on rank 0 after each append."""
+    if world > 1:
+        dist.barrier()          # every rank has read what the file held before rank 0 appends to it
+    for r in range(0, len(jobs), world):
+        parts = [make(jobs[r + rank]) if r + rank < len(jobs) else []]
+        if world > 1:
+            mine, parts = parts[0], [None] * world
+            dist.all_gather_object(parts, mine)
+        if rank == 0:
+            records = [rec for part in parts for rec in part]
+            data.write_jsonl(path, records, append=True)
+            if on_write is not None:
+                on_write(len(records))
+    if world > 1:
+        dist.barrier()          # no rank reads the file before it is complete
+
+
+@contextmanager
+def cli_errors():
+    """The body of a CLI that may run under torchrun (train, generate, pipeline): a user mistake
+    (ValueError: a bad file, option or checkpoint) ends the process with one line, not a traceback,
+    and the process group is closed either way."""
+    try:
+        yield
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def all_sum(world: int, *xs: float) -> list[float]:
     if world == 1:
         return list(xs)
@@ -339,13 +374,8 @@ def parse_args(argv=None) -> tuple[TrainConfig, bool]:
 
 def main(argv=None):
     cfg, resume = parse_args(argv)
-    try:
+    with cli_errors():
         train(cfg, resume=resume)
-    except ValueError as e:   # user mistakes (bad file, option, checkpoint) are one line, not a traceback
-        sys.exit(f"error: {e}")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

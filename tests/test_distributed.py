@@ -1,6 +1,7 @@
 """torchrun with 2 processes on the CPU (gloo) gives what one process gives: the same θ after
 training (and after a resumed run), and the same samples file from generate.py (also when completing
 an interrupted one)."""
+import json
 import os
 import subprocess
 import sys
@@ -65,3 +66,31 @@ def test_two_processes_train_and_generate_like_one(tiny_backbone, questions, tmp
     (tmp_path / "multi.jsonl").write_text("\n".join(expected[:8]) + "\n" + expected[8][:20])
     torchrun("generate.py", gen + ["--out", str(tmp_path / "multi.jsonl")], tmp_path)
     assert (tmp_path / "multi.jsonl").read_text().splitlines() == expected
+
+
+def pipeline_args(backbone, method, out):
+    return ["--task", "gsm8k", "--method", method, "--preset", "tiny", "--generator", str(backbone),
+            "--answerer", str(backbone), "--student", str(backbone), "--dtype", "fp32", "--out", str(out),
+            "--batch-size", "2"]     # several chunks of completions and answers, so both ranks make some
+
+
+def test_two_processes_run_the_pipeline_like_one(tiny_backbone, tmp_path):
+    """pipeline.py under torchrun: both ranks decode steps 1-3, rank 0 runs the rest alone, and every
+    file of the decoding steps is the one-process file. PT_SR has all three kinds of chunked
+    generation (completions, a critique/refine round, answers); SS_NP goes through generate.py, from
+    the one-process run's trained θ (DDP's θ matches only to float tolerance, so its samples could differ)."""
+    import shutil
+    import pipeline as pl
+    for method, files in (("pt_sr", ["pt_completions.jsonl", "sr_round1.jsonl"]), ("np", ["generated.jsonl"])):
+        one, two = tmp_path / f"{method}-one", tmp_path / f"{method}-two"
+        pl.run_pipeline(pl.parse_args(pipeline_args(tiny_backbone, method, one))[0], str(one))
+        if method == "np":      # θ and the settings from the one-process run; the train step finds it done
+            shutil.copytree(one / "softsrv", two / "softsrv")
+            shutil.copy(one / "settings.json", two / "settings.json")
+        out = torchrun("pipeline.py", pipeline_args(tiny_backbone, method, two), tmp_path)
+        assert "rank 0 alone" in out.stdout and out.stdout.count("[answer] done") == 1
+        for name in files + ["questions.jsonl", "answers.jsonl", "data.jsonl"]:   # samples name their checkpoint
+            assert (two / name).read_text().replace(str(two), str(one)) == (one / name).read_text(), name
+        state_one, state_two = (json.loads((d / "state.json").read_text()) for d in (one, two))
+        assert list(state_two) == list(state_one)
+        assert state_two["evaluate"]["curve"][0]["step"] == 0 and (two / "report.md").exists()
