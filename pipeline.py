@@ -653,10 +653,10 @@ SHARED_STEPS = ("train", "generate", "answer")
 
 
 def run_pipeline(cfg: PipelineConfig, out: str | None = None) -> Path:
-    from train import init_distributed, rank0_first
+    from train import init_distributed
     rank, world, device = init_distributed()
-    with rank0_first(rank, world):         # rank 0 writes settings.json, the others then check it
-        run = Run(cfg, Path(out or f"runs/{cfg.task}-{cfg.method}"), rank, world, device)
+    # Every rank checks the folder's settings, so a mismatch ends them all with the same one line.
+    run = Run(cfg, Path(out or f"runs/{cfg.task}-{cfg.method}"), rank, world, device)
     t0 = time.time()
     steps = ([("train", step_train)] if cfg.method in SOFTSRV else []) + [
         ("generate", step_generate), ("answer", step_answer), ("decontam", step_decontam),
