@@ -93,12 +93,22 @@ def init_distributed() -> tuple[int, int, str]:
 
 @contextmanager
 def rank0_first(rank: int, world: int):
-    """Rank 0 runs the block first (conversions and caches are written once), then the others read."""
+    """Rank 0 runs the block first (conversions and caches are written once), then the others read.
+    A user mistake rank 0 meets there (ValueError) is handed to the others, so every rank ends with
+    the same one line instead of waiting for rank 0 and dying with a transport error."""
     if world > 1 and rank != 0:
-        dist.barrier()
-    yield
+        err = [None]
+        dist.broadcast_object_list(err, src=0)
+        if err[0] is not None:
+            raise ValueError(err[0])
+    try:
+        yield
+    except ValueError as e:
+        if world > 1 and rank == 0:
+            dist.broadcast_object_list([str(e)], src=0)
+        raise
     if world > 1 and rank == 0:
-        dist.barrier()
+        dist.broadcast_object_list([None], src=0)
 
 
 def append_in_rounds(path, jobs: list, make, rank: int, world: int, on_write=None):

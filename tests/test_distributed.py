@@ -19,13 +19,21 @@ ARGS = ["--param", "mc", "--prompt-len", "4", "--hidden", "16", "--lr", "1e-2", 
         "--eval-every", "3", "--dtype", "fp32"]
 
 
-def torchrun(script, args, tmp_path, nproc=2):
+def torchrun(script, args, tmp_path, nproc=2, ok=True):
     env = {**os.environ, "SOFTSRV_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                           f"--nproc_per_node={nproc}", str(ROOT / script), *args],
                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert (out.returncode == 0) == ok, out.stderr[-3000:]
     return out
+
+
+def test_a_mistake_rank_0_meets_ends_every_rank_with_one_line(questions, tmp_path):
+    """--model is loaded by rank 0 first (rank0_first); the others must not die waiting for it."""
+    out = torchrun("train.py", ARGS + ["--data", str(questions), "--model", str(tmp_path / "nope"),
+                                       "--out", str(tmp_path / "o")], tmp_path, ok=False)
+    assert out.stderr.count(f"error: {tmp_path / 'nope'}: not a model folder") == 2
+    assert "[rank1]: Traceback" not in out.stderr and "[rank0]: Traceback" not in out.stderr
 
 
 @pytest.fixture
