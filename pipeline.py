@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
 import time
 from dataclasses import asdict, dataclass, fields
@@ -653,7 +652,7 @@ SHARED_STEPS = ("train", "generate", "answer")
 
 
 def run_pipeline(cfg: PipelineConfig, out: str | None = None) -> Path:
-    from train import init_distributed
+    from train import init_distributed, local_threads
     rank, world, device = init_distributed()
     # Every rank checks the folder's settings, so a mismatch ends them all with the same one line.
     run = Run(cfg, Path(out or f"runs/{cfg.task}-{cfg.method}"), rank, world, device)
@@ -668,9 +667,7 @@ def run_pipeline(cfg: PipelineConfig, out: str | None = None) -> Path:
             if rank != 0:
                 return run.out
             run.world = 1
-            if device == "cpu":   # torchrun gave each process its share of the cores; the others' are free now
-                local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-                torch.set_num_threads(min(os.cpu_count() or 1, torch.get_num_threads() * local))
+            torch.set_num_threads(local_threads())    # the other ranks' cores are free now
         if run.done(name):
             run.log(f"[{name}] already done ({run.state[name]['seconds']:.0f}s)")
         else:

@@ -101,14 +101,25 @@ def rank0_first(rank: int, world: int):
         dist.broadcast_object_list(err, src=0)
         if err[0] is not None:
             raise ValueError(err[0])
+    threads = torch.get_num_threads()
+    if world > 1 and rank == 0:
+        torch.set_num_threads(local_threads())     # the others are waiting: their cores are free
     try:
         yield
     except ValueError as e:
         if world > 1 and rank == 0:
             dist.broadcast_object_list([str(e)], src=0)
         raise
+    finally:
+        torch.set_num_threads(threads)
     if world > 1 and rank == 0:
         dist.broadcast_object_list([None], src=0)
+
+
+def local_threads() -> int:
+    """The CPU threads of all of this machine's ranks together (torchrun starts each with
+    OMP_NUM_THREADS=1 unless told otherwise): what one rank may use while the others wait or are gone."""
+    return min(os.cpu_count() or 1, torch.get_num_threads() * int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def append_in_rounds(path, jobs: list, make, rank: int, world: int, on_write=None):
