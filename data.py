@@ -90,7 +90,8 @@ FILE_TYPES = (".jsonl", ".jsonl.gz", ".json", ".txt")
 
 
 def _warn(msg: str) -> None:
-    print(f"data: warning: {msg}", file=sys.stderr, flush=True)
+    if os.environ.get("RANK", "0") == "0":      # under torchrun every rank reads the same data: say it once
+        print(f"data: warning: {msg}", file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------- offline assets
