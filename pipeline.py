@@ -651,7 +651,11 @@ def _plot_curve(path: Path, curve: list[dict], cfg: PipelineConfig) -> Path | No
 SHARED_STEPS = ("train", "generate", "answer")
 
 
-def run_pipeline(cfg: PipelineConfig, out: str | None = None) -> Path:
+STEPS = ("train", "generate", "answer", "decontam", "finetune", "evaluate")
+
+
+def run_pipeline(cfg: PipelineConfig, out: str | None = None, stop_after: str | None = None) -> Path:
+    """Steps 1-6 into the run folder (the report once all are done); stop_after ends the run early."""
     from train import init_distributed, local_threads
     rank, world, device = init_distributed()
     # Every rank checks the folder's settings, so a mismatch ends them all with the same one line.
@@ -672,6 +676,9 @@ def run_pipeline(cfg: PipelineConfig, out: str | None = None) -> Path:
             run.log(f"[{name}] already done ({run.state[name]['seconds']:.0f}s)")
         else:
             fn(run)
+        if name == stop_after:
+            run.log(f"pipeline: stopped after {name} (--stop-after); the same command without it goes on")
+            return run.out
     if rank == 0:
         write_report(run)
         print(f"pipeline: {run.out} complete in {time.time() - t0:.0f}s")
@@ -710,6 +717,9 @@ def parse_args(argv=None) -> tuple[PipelineConfig, str | None]:
     a("--seed", type=int, default=0, help="seed of every step (default 0)")
     a("--dtype", choices=DTYPES, default="auto",
       help="model precision (default auto: bf16 where measured faster than fp32 here)")
+    a("--stop-after", choices=STEPS[:-1],
+      help="end the run after this step, e.g. decontam for just the synthetic data.jsonl (default: run all); "
+           "not a setting of the run: the same command without it continues")
     args = p.parse_args(argv)
     preset = dict(PRESETS[args.preset])
     if args.preset == "paper":
@@ -720,16 +730,16 @@ def parse_args(argv=None) -> tuple[PipelineConfig, str | None]:
     for f in ("n_generate", "n_keep", "n_clusters", "batch_size", "buckets", "answer_tokens"):
         if getattr(cfg, f) is not None and getattr(cfg, f) < 1:
             p.error(f"--{f.replace('_', '-')} must be at least 1")
-    if cfg.method not in SOFTSRV and args.train_steps:
-        p.error(f"--train-steps: method {cfg.method} trains no soft prompt")
-    return cfg, args.out
+    if cfg.method not in SOFTSRV and (args.train_steps or args.stop_after == "train"):
+        p.error(f"--train-steps / --stop-after train: method {cfg.method} trains no soft prompt")
+    return cfg, args.out, args.stop_after
 
 
 def main(argv=None):
     from train import cli_errors
-    cfg, out = parse_args(argv)
+    cfg, out, stop_after = parse_args(argv)
     with cli_errors():
-        run_pipeline(cfg, out)
+        run_pipeline(cfg, out, stop_after)
 
 
 if __name__ == "__main__":

@@ -61,7 +61,7 @@ def test_templates_are_complete():
 
 
 def tiny_cfg(backbone, method, **kw):
-    cfg, _ = pl.parse_args(["--task", "gsm8k", "--method", method, "--preset", "tiny", "--generator", str(backbone),
+    cfg, _, _ = pl.parse_args(["--task", "gsm8k", "--method", method, "--preset", "tiny", "--generator", str(backbone),
                             "--answerer", str(backbone), "--student", str(backbone), "--dtype", "fp32"])
     for k, v in kw.items():
         setattr(cfg, k, v)
@@ -70,7 +70,11 @@ def tiny_cfg(backbone, method, **kw):
 
 @pytest.mark.parametrize("method", ["np", "pt"])
 def test_tiny_preset_end_to_end(tiny_backbone, tmp_path, method, capsys):
-    out = pl.run_pipeline(tiny_cfg(tiny_backbone, method), str(tmp_path / method))
+    out = pl.run_pipeline(tiny_cfg(tiny_backbone, method), str(tmp_path / method), stop_after="decontam")
+    first = (["train"] if method == "np" else []) + ["generate", "answer", "decontam"]
+    assert list(json.loads((out / "state.json").read_text())) == first and not (out / "report.md").exists()
+    assert "stopped after decontam" in capsys.readouterr().out and (out / "data.jsonl").exists()
+    out = pl.run_pipeline(tiny_cfg(tiny_backbone, method), str(tmp_path / method))     # goes on from there
     state = json.loads((out / "state.json").read_text())
     steps = ["generate", "answer", "decontam", "finetune", "evaluate"]
     assert list(state) == (["train"] if method == "np" else []) + steps
