@@ -647,11 +647,11 @@ def _plot_curve(path: Path, curve: list[dict], cfg: PipelineConfig) -> Path | No
 
 # ----------------------------------------------------------------------------------------------
 
-# Under torchrun all ranks take part in these (each decodes its share); the rest is rank 0's.
+# Steps 1-6 in order (train: SoftSRV methods only). Under torchrun every rank takes part in the
+# shared ones, each decoding its share; the rest are rank 0's.
+STEPS = {"train": step_train, "generate": step_generate, "answer": step_answer, "decontam": step_decontam,
+         "finetune": step_finetune, "evaluate": step_evaluate}
 SHARED_STEPS = ("train", "generate", "answer")
-
-
-STEPS = ("train", "generate", "answer", "decontam", "finetune", "evaluate")
 
 
 def run_pipeline(cfg: PipelineConfig, out: str | None = None, stop_after: str | None = None) -> Path:
@@ -661,10 +661,9 @@ def run_pipeline(cfg: PipelineConfig, out: str | None = None, stop_after: str | 
     # Every rank checks the folder's settings, so a mismatch ends them all with the same one line.
     run = Run(cfg, Path(out or f"runs/{cfg.task}-{cfg.method}"), rank, world, device)
     t0 = time.time()
-    steps = ([("train", step_train)] if cfg.method in SOFTSRV else []) + [
-        ("generate", step_generate), ("answer", step_answer), ("decontam", step_decontam),
-        ("finetune", step_finetune), ("evaluate", step_evaluate)]
-    for name, fn in steps:
+    for name, fn in STEPS.items():
+        if name == "train" and cfg.method not in SOFTSRV:
+            continue
         if name not in SHARED_STEPS and run.world > 1:
             # Fine-tuning and evaluation run in one process: ranks 1.. are done, rank 0 goes on alone.
             run.log(f"[{name}] and the steps after it run in rank 0 alone; the other {world - 1} ranks exit")
@@ -685,7 +684,8 @@ def run_pipeline(cfg: PipelineConfig, out: str | None = None, stop_after: str | 
     return run.out
 
 
-def parse_args(argv=None) -> tuple[PipelineConfig, str | None]:
+def parse_args(argv=None) -> tuple[PipelineConfig, str | None, str | None]:
+    """(settings, --out, --stop-after)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--task", choices=TASKS, default="gsm8k", help="benchmark whose train questions are the target (default gsm8k)")
@@ -717,7 +717,7 @@ def parse_args(argv=None) -> tuple[PipelineConfig, str | None]:
     a("--seed", type=int, default=0, help="seed of every step (default 0)")
     a("--dtype", choices=DTYPES, default="auto",
       help="model precision (default auto: bf16 where measured faster than fp32 here)")
-    a("--stop-after", choices=STEPS[:-1],
+    a("--stop-after", choices=list(STEPS)[:-1],
       help="end the run after this step, e.g. decontam for just the synthetic data.jsonl (default: run all); "
            "not a setting of the run: the same command without it continues")
     args = p.parse_args(argv)

@@ -1,6 +1,7 @@
 """torchrun with 2 processes on the CPU (gloo) gives what one process gives: the same θ after
-training (and after a resumed run), and the same samples file from generate.py (also when completing
-an interrupted one)."""
+training (and after a resumed run), the same samples file from generate.py (also when completing
+an interrupted one), and the same files from the pipeline's decoding steps; a user mistake ends
+every rank with the same one line."""
 import json
 import os
 import subprocess

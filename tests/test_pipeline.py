@@ -62,7 +62,7 @@ def test_templates_are_complete():
 
 def tiny_cfg(backbone, method, **kw):
     cfg, _, _ = pl.parse_args(["--task", "gsm8k", "--method", method, "--preset", "tiny", "--generator", str(backbone),
-                            "--answerer", str(backbone), "--student", str(backbone), "--dtype", "fp32"])
+                               "--answerer", str(backbone), "--student", str(backbone), "--dtype", "fp32"])
     for k, v in kw.items():
         setattr(cfg, k, v)
     return cfg
