@@ -40,7 +40,8 @@ import torch
 import torch.nn.functional as F
 
 from model import DEFAULT_MODEL, dtype_of, keep_freed_memory, load_model, resolve_model_dir
-from softsrv import SoftPromptMC, pad_targets, sample, softsrv_loss
+from sampling import sample
+from softsrv import SoftPromptMC, pad_targets, softsrv_loss
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

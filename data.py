@@ -678,6 +678,31 @@ def _repair_tail(path: Path) -> bytes:
             return b""
 
 
+def atomic_write(path: str | os.PathLike, write) -> Path:
+    """The project's one crash-safe file write: write(tmp) fills a temp file beside path, which is
+    fsynced and renamed over path, so a reader sees the old file or the new one, never a part.
+    A failure leaves the old file untouched and no temp file behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """obj as indented JSON, atomically."""
+    text = json.dumps(obj, indent=2, ensure_ascii=False)
+    return atomic_write(path, lambda p: Path(p).write_text(text, encoding="utf-8"))
+
+
 def write_jsonl(path: str | os.PathLike, records: Iterable[Any], append: bool = False) -> int:
     """Write records (dicts or dataclasses) one JSON per line, crash-safely; returns the count.
 
@@ -696,22 +721,16 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[Any], append: bool = 
             f.flush()
             os.fsync(f.fileno())
         return data.count(b"\n")
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # umask applies as usual
     n = 0
-    try:
-        with open(fd, "wb") as f:
+
+    def write(tmp):
+        nonlocal n
+        with open(tmp, "wb") as f:
             out = gzip.GzipFile(fileobj=f, mode="wb", mtime=0) if path.name.endswith(".gz") else f
             for r in records:
                 out.write(_dumps(r))
                 n += 1
             if out is not f:
                 out.close()
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    atomic_write(path, write)
     return n

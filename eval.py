@@ -29,28 +29,9 @@ from tqdm import tqdm
 
 import data
 from model import DEFAULT_MODEL, DTYPES, dtype_of, keep_freed_memory, load_model, load_tokenizer
-from softsrv import _atomic_write, generate_from_ids
-
-
-# ----------------------------------------------------------------------------------------------
-# The one question -> answer format (fine-tuning trains on exactly this)
-
-PLAIN_QA = "Question: {question}\nAnswer:"   # for tokenizers without a chat template
-
-
-def qa_prompt_ids(tok, question: str) -> list[int]:
-    """The question as a user turn of the model's chat template, ready for the answer; or the plain
-    "Question: ...\\nAnswer:" form when the tokenizer has no chat template."""
-    if tok.chat_template:
-        return tok.encode_chat([{"role": "user", "content": question}], add_generation_prompt=True)
-    return tok.encode(PLAIN_QA.format(question=question))
-
-
-def qa_answer_ids(tok, answer: str) -> list[int]:
-    """The answer's tokens and the end-of-turn id (the tokenizer's EOS, which is <|im_end|> for
-    ChatML models such as SmolLM2-Instruct). The plain form puts one space after "Answer:"."""
-    text = answer if tok.chat_template else " " + answer.lstrip()
-    return tok.encode(text) + [tok.eos_id]
+from data import atomic_write
+from sampling import cut_at, generate_from_ids, stop_on
+from tokenizer import PLAIN_QA, qa_answer_ids, qa_prompt_ids
 
 
 # ----------------------------------------------------------------------------------------------
@@ -120,21 +101,6 @@ def answer_loss(model, tok, pairs: list[tuple[str, str]], batch_size: int = 8, m
     per_item = [{"loss": l / len(a), "tokens": len(a), "truncated": t}
                 for l, (_, a), t in zip(nll, seqs, truncated)]
     return {"loss": sum(nll) / max(tokens, 1), "tokens": tokens, "per_item": per_item}
-
-
-# ----------------------------------------------------------------------------------------------
-# Generation with stop strings
-
-def stop_on(tok, stops: list[str], window: int = 12):
-    """A `sample` stop callback: True once the last `window` tokens' text holds any stop string."""
-    return lambda ids: any(s in tok.decode(ids[-window:]) for s in stops)
-
-
-def cut_at(text: str, stops: list[str]) -> str:
-    """The text up to the first stop string."""
-    for s in stops:
-        text = text.split(s, 1)[0]
-    return text
 
 
 # ----------------------------------------------------------------------------------------------
@@ -374,7 +340,7 @@ def evaluate_task(task: str, model: str, limit: int | None = None, shots: int | 
                "split": split, "shots": shots, "dtype": str(lm.dtype).removeprefix("torch."),
                "seconds": round(time.time() - t0, 1)}
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out_path, lambda p: p.write_text(json.dumps({"summary": summary, "items": records},
+    atomic_write(out_path, lambda p: p.write_text(json.dumps({"summary": summary, "items": records},
                                                               indent=1, ensure_ascii=False)))
     _stage(task, f"wrote {out_path}", t0)
     return summary

@@ -3,7 +3,7 @@
     python finetune.py --data runs/gsm8k-mc/data.jsonl --out runs/gsm8k-mc/finetune
 
 The student is the project's own decoder (model.py) with every weight trainable. Each pair becomes
-prompt = the question in the student's chat format (eval.qa_prompt_ids, the format eval.py's answer
+prompt = the question in the student's chat format (tokenizer.qa_prompt_ids, the format eval.py's answer
 loss scores) and target = the answer and its end-of-turn token; the loss counts answer tokens only.
 Pairs are packed into rows of --seq-len tokens; `segment_ids` keep attention inside each pair and
 restart positions, so packing changes nothing but the amount of padding. AdamW, linear warm-up then
@@ -33,8 +33,8 @@ from tqdm import tqdm
 
 import data
 from model import DEFAULT_MODEL, DTYPES, dtype_of, keep_freed_memory, load_model, load_tokenizer, save_model
-from softsrv import CKPT_STATE, load_optimizer_state, save_optimizer_state
-from train import lr_at
+from softsrv import CKPT_STATE, load_optimizer_state, lr_at, save_optimizer_state
+from tokenizer import qa_answer_ids, qa_prompt_ids
 
 STATE_JSON = "finetune.json"
 
@@ -81,7 +81,6 @@ def load_pairs(path: str) -> list[tuple[str, str]]:
 
 def encode_pairs(tok, pairs: list[tuple[str, str]], seq_len: int) -> list[tuple[list[int], int]]:
     """Each pair -> (prompt + answer ids, number of prompt ids), cut to seq_len tokens."""
-    from eval import qa_answer_ids, qa_prompt_ids
     out = []
     for q, a in pairs:
         p = qa_prompt_ids(tok, q)

@@ -183,7 +183,6 @@ def _pyplot():
 
 def plot(result: MauveResult, path):
     """The divergence curve (its area is MAUVE) and, beside it, the two cluster histograms."""
-    from softsrv import _atomic_write
     plt = _pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [1, 1.6]})
     x, y = result.divergence_curve.T
@@ -201,7 +200,7 @@ def plot(result: MauveResult, path):
     ax2.legend()
     fig.tight_layout()
     path = Path(path)
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=110))
+    data.atomic_write(path, lambda tmp: fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=110))
     plt.close(fig)
 
 
@@ -268,12 +267,11 @@ def cli(argv=None) -> MauveResult | None:
             plot(result, args.plot)
             print(f"wrote {args.plot}")
         if args.json:
-            from softsrv import _atomic_write
             record = {"mauve": result.mauve, "gen": args.gen, "ref": args.ref, "n_gen": len(gen), "n_ref": len(ref),
                       "num_buckets": result.num_buckets, "seed": args.seed, "model": args.model,
                       "p_hist": result.p_hist.tolist(), "q_hist": result.q_hist.tolist(),
                       "divergence_curve": result.divergence_curve.tolist()}
-            _atomic_write(Path(args.json), lambda tmp: tmp.write_text(json.dumps(record, indent=2)))
+            data.atomic_write(Path(args.json), lambda tmp: tmp.write_text(json.dumps(record, indent=2)))
             print(f"wrote {args.json}")
     except ValueError as e:
         sys.exit(f"error: {e}")

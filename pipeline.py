@@ -38,7 +38,10 @@ import torch
 from tqdm import tqdm
 
 import data
+from dist import append_in_rounds, cli_errors, init_distributed, local_threads
 from model import DEFAULT_MODEL, DTYPES, dtype_of, keep_freed_memory, load_model, load_tokenizer
+from sampling import cut_at, generate_from_ids, stop_on
+from tokenizer import qa_prompt_ids
 
 TASKS = ("gsm8k", "mbpp", "boolq")
 METHODS = ("np", "mp", "mc", "pt", "pt_sr", "train")
@@ -201,8 +204,7 @@ class Run:
 
 
 def _write_json(path: Path, obj):
-    from softsrv import _atomic_write
-    _atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2, ensure_ascii=False)))
+    data.write_json(path, obj)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -323,8 +325,6 @@ def _complete(model, tok, texts: list[str], cfg: PipelineConfig, seed: int, chat
               max_new: int | None = None, stop=None) -> list[str]:
     """Each text -> the LM's completion at the template temperature (the project's sampler); as a user
     turn of the LM's chat format, or (chat=False) as plain text to be continued."""
-    from eval import qa_prompt_ids
-    from softsrv import generate_from_ids
     prompts = [qa_prompt_ids(tok, t) if chat else tok.encode(t) for t in texts]
     ids = generate_from_ids(model, prompts, max_new or cfg.question_tokens or 128, tok.eos_id,
                             temperature=cfg.pt_temperature, top_p=cfg.pt_top_p, batch_size=cfg.batch_size, seed=seed,
@@ -334,8 +334,7 @@ def _complete(model, tok, texts: list[str], cfg: PipelineConfig, seed: int, chat
 
 def _in_chunks(run: Run, path: Path, n: int, chunk: int, make, desc: str):
     """Append records 0..n-1 to a JSONL in chunks, skipping indices already there (resume); under
-    torchrun the ranks make the chunks in turn (train.append_in_rounds). Every rank gets all records."""
-    from train import append_in_rounds
+    torchrun the ranks make the chunks in turn (dist.append_in_rounds). Every rank gets all records."""
     done = {r["index"] for r in data.read_jsonl(path)} if path.exists() else set()
     todo = [i for i in range(n) if i not in done]
     bar = tqdm(total=n, initial=n - len(todo), desc=desc, unit="item", dynamic_ncols=True, disable=run.rank != 0)
@@ -354,7 +353,6 @@ def generate_pt(run: Run, n_completions: int, train_ex: list[data.Example]) -> l
     model = load_model(cfg.generator, dtype=dtype_of(cfg.dtype, run.device), device=run.device)
     tok = load_tokenizer(cfg.generator)
     tmpl = TEMPLATES[cfg.task]["question"]
-    from eval import cut_at, stop_on
     max_new = 10 * (cfg.question_tokens or 96)       # ten questions; an 11th ends the completion
     stops = ["Question 11", "\n11."]
 
@@ -473,8 +471,6 @@ def step_answer(run: Run):
         tmpl = "{q}" if cfg.method in SOFTSRV else TEMPLATES[cfg.task]["answer"]
 
         def make(idx):
-            from eval import qa_prompt_ids
-            from softsrv import generate_from_ids
             prompts = [qa_prompt_ids(tok, tmpl.format(q=qs[i]["question"])) for i in idx]
             outs = generate_from_ids(model, prompts, cfg.answer_tokens, tok.eos_id, temperature=cfg.answer_temperature,
                                      batch_size=cfg.batch_size, seed=cfg.seed * 1_000_003 + idx[0])
@@ -656,7 +652,6 @@ SHARED_STEPS = ("train", "generate", "answer")
 
 def run_pipeline(cfg: PipelineConfig, out: str | None = None, stop_after: str | None = None) -> Path:
     """Steps 1-6 into the run folder (the report once all are done); stop_after ends the run early."""
-    from train import init_distributed, local_threads
     rank, world, device = init_distributed()
     # Every rank checks the folder's settings, so a mismatch ends them all with the same one line.
     run = Run(cfg, Path(out or f"runs/{cfg.task}-{cfg.method}"), rank, world, device)
@@ -736,7 +731,6 @@ def parse_args(argv=None) -> tuple[PipelineConfig, str | None, str | None]:
 
 
 def main(argv=None):
-    from train import cli_errors
     cfg, out, stop_after = parse_args(argv)
     with cli_errors():
         run_pipeline(cfg, out, stop_after)

@@ -5,13 +5,13 @@
   SoftPromptNP (Eq. 1), SoftPromptMP (Eq. 2), SoftPromptMC (Eq. 3).
 - `softsrv_loss`: causal cross-entropy of x given P_θ(E(x)) as the ONLY prefix (the "reconstruction"
   objective), counted on x's tokens and one end-of-sequence token. H stays frozen.
-- `sample`: prefill a batch of embedded prompts into the KV cache, then decode token by token.
+Sampling x' ~ H(P_θ(z)) is sampling.py's `sample`, the one sampler of the project.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
+import math
 from pathlib import Path
 
 import torch
@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from data import atomic_write
 from model import CACHE_DIR, Transformer
 
 
@@ -232,18 +233,6 @@ def build_soft_prompt(kind: str, backbone: Transformer, d_e: int, t: int, k: int
 # ----------------------------------------------------------------------------------------------
 # The objective (Sec. 2): argmin_θ Σ_i ℓ(H(P_θ(E(x_i))), x_i)
 
-def left_pad(rows) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token rows of different lengths -> (ids [B, T], mask [B, T]), padded on the left so that every
-    row's next token goes to the same KV-cache slot (the cache's layout)."""
-    T = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), T, dtype=torch.long)
-    mask = torch.zeros(len(rows), T, dtype=torch.bool)
-    for b, r in enumerate(rows):
-        ids[b, T - len(r):] = torch.as_tensor(r)
-        mask[b, T - len(r):] = True
-    return ids, mask
-
-
 def pad_targets(token_lists: list[list[int]], eos_id: int, max_tokens: int, device) -> torch.Tensor:
     """[B, L] ids of x followed by one EOS, right-padded with -100 (ignored by the loss)."""
     rows = [ids[:max_tokens] + [eos_id] for ids in token_lists]
@@ -272,126 +261,6 @@ def softsrv_loss(backbone: Transformer, prompts: torch.Tensor, targets: torch.Te
 
 
 # ----------------------------------------------------------------------------------------------
-# Sampling from embedded prompts
-
-def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """Set to -inf every logit outside the top-k and outside the top-p nucleus.
-
-    The nucleus is the smallest set of most likely tokens whose mass reaches top_p. Sorting the
-    whole vocabulary for it costs ~2 ms per row and step on a CPU (49K entries; more than the
-    decode step itself at batch 64), so each row's candidates come from a top-k that grows
-    (256, 2048, then the full sort) until it holds that row's nucleus: for a real LM's next-token
-    distributions almost always the first (README: Performance).
-    """
-    if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        V = logits.shape[-1]
-        flat = logits.reshape(-1, V)
-        log_total = flat.logsumexp(-1, keepdim=True)
-        cut = flat.new_empty(flat.shape[0], 1)             # per row: the smallest logit it keeps
-        todo, k = torch.arange(flat.shape[0], device=flat.device), min(256, V)
-        while len(todo):
-            sub = flat[todo]
-            top = sub.sort(-1, descending=True).values if k >= V else sub.topk(k, -1).values
-            p = (top - log_total[todo]).exp()
-            before = p.cumsum(-1) - p                      # mass of the tokens above each one
-            found = (before[:, -1] + p[:, -1] >= top_p) | (k >= V)
-            n_keep = (before[found] < top_p).sum(-1, keepdim=True).clamp(min=1)
-            cut[todo[found]] = top[found].gather(-1, n_keep - 1)
-            todo, k = todo[~found], (k * 8 if k * 8 < V // 4 else V)
-        logits = logits.masked_fill(logits < cut.view(*logits.shape[:-1], 1), float("-inf"))
-    return logits
-
-
-def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One token per row of probs [B, V] by inverting the CDF with one uniform number per row.
-
-    Exactly the categorical distribution, like torch.multinomial, which on a CPU instead draws an
-    exponential for every vocabulary entry (~70 ms per step at batch 64 against ~1 ms for this).
-    """
-    cdf = probs.cumsum(-1)
-    total = cdf[..., -1:].contiguous()                  # [B, 1]: searchsorted wants it contiguous
-    u = torch.rand(total.shape, generator=generator, device=probs.device, dtype=cdf.dtype) * total
-    tok = torch.searchsorted(cdf, u, right=True)
-    # u can round up to the total; the last token with mass is the first whose cdf reaches it
-    return torch.minimum(tok, torch.searchsorted(cdf, total))[..., 0]
-
-
-@torch.no_grad()
-def sample(model: Transformer, prefix_embeds: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-           top_k: int = 0, top_p: float = 1.0, eos_id: int | None = None,
-           generator: torch.Generator | None = None, attention_mask: torch.Tensor | None = None,
-           stop=None) -> list[list[int]]:
-    """x' ~ H(P): prefill the prompts [B, t, d] into a KV cache, then decode one token at a time.
-
-    The prompt is only embeddings (for SoftSRV, no text tokens at all). temperature 0 is greedy.
-    Each row stops at its own EOS (not included in its output) and leaves the batch, so finished
-    rows cost nothing. A left-padded batch of text prompts passes attention_mask [B, t]. The
-    generator must live on the model's device. `stop(tokens so far) -> bool`, checked per row after
-    each token, ends that row too (its last token kept): e.g. when a few-shot answer starts the next
-    "Question:".
-    """
-    B, t, _ = prefix_embeds.shape
-    cache = model.new_cache(B, t + max_new_tokens)
-    logits = model.logits(model.hidden_states(prefix_embeds.to(model.dtype), attention_mask, cache)[:, -1])
-    out = [[] for _ in range(B)]
-    alive = list(range(B))                       # batch row -> sample it belongs to
-    for n in range(max_new_tokens):
-        logits = logits.float()
-        if temperature == 0:
-            tok = logits.argmax(-1)
-        else:
-            tok = draw(filter_logits(logits / temperature, top_k, top_p).softmax(-1), generator)
-        toks = tok.tolist()                          # the step's one device -> host sync
-        ended = [tk == eos_id for tk in toks]
-        for i, tk, end in zip(alive, toks, ended):
-            if not end:
-                out[i].append(tk)
-        if stop is not None:
-            ended = [end or stop(out[i]) for i, end in zip(alive, ended)]
-        if any(ended):
-            alive = [i for i, end in zip(alive, ended) if not end]
-            if not alive:
-                break
-            keep = torch.tensor([not end for end in ended], device=tok.device)
-            cache.keep_rows(keep)
-            tok = tok[keep]
-        if n + 1 < max_new_tokens:
-            logits = model.logits(model.hidden_states(model.embed(tok[:, None]), cache=cache)[:, -1])
-    return out
-
-
-def generate_from_ids(model: Transformer, prompts: list[list[int]], max_new_tokens: int, eos_id: int | None,
-                      temperature: float = 0.0, top_p: float = 1.0, stop=None, batch_size: int = 16,
-                      seed: int = 0, progress: bool = False) -> list[list[int]]:
-    """The project's sampler for *text* prompts: token-id prompts -> generated ids, in input order.
-
-    Prompts are sorted by length and cut into batches (less padding), each batch left-padded so all
-    rows decode at the same cache slot, and run through `sample` (KV cache). Batch b samples with
-    the seed (seed, b), so a run is reproducible for a fixed batch size. EOS is not included.
-    """
-    if any(len(p) == 0 for p in prompts):
-        raise ValueError("generate_from_ids: empty prompt (at least one token needed)")
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    out: list[list[int]] = [[] for _ in prompts]
-    dev = model.device
-    bar = tqdm(total=len(prompts), desc="generate", unit="prompt", disable=not progress, leave=False)
-    for b, s in enumerate(range(0, len(order), batch_size)):
-        rows = order[s:s + batch_size]
-        ids, mask = left_pad([prompts[i] for i in rows])
-        g = torch.Generator(device=dev).manual_seed(seed * 1_000_003 + b)
-        gen = sample(model, model.embed(ids.to(dev)), max_new_tokens, temperature=temperature, top_p=top_p,
-                     eos_id=eos_id, generator=g, attention_mask=mask.to(dev), stop=stop)
-        for i, toks in zip(rows, gen):
-            out[i] = toks
-        bar.update(len(rows))
-    bar.close()
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
 # Context vectors, computed once per (encoder, dataset) and cached
 
 def context_vectors(encoder: ContextEncoder, encoder_name: str, texts: list[str], data_fp: str,
@@ -405,9 +274,7 @@ def context_vectors(encoder: ContextEncoder, encoder_name: str, texts: list[str]
             return z
     z = encoder(texts, progress=progress)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    save_file({"z": z.contiguous()}, str(tmp))
-    os.replace(tmp, path)
+    atomic_write(path, lambda p: save_file({"z": z.contiguous()}, str(p)))
     return z
 
 
@@ -415,14 +282,6 @@ def context_vectors(encoder: ContextEncoder, encoder_name: str, texts: list[str]
 # Checkpoints: θ (safetensors) + training state (safetensors) + everything else (JSON)
 
 CKPT_THETA, CKPT_STATE, CKPT_CONFIG = "theta.safetensors", "train_state.safetensors", "config.json"
-
-
-def _atomic_write(path: Path, write):
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    write(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def save_checkpoint(out_dir, prompt: SoftPrompt, config: dict, step: int,
@@ -433,12 +292,12 @@ def save_checkpoint(out_dir, prompt: SoftPrompt, config: dict, step: int,
     out.mkdir(parents=True, exist_ok=True)
     meta = {"step": str(step)}
     theta = {k: v.detach().contiguous().cpu() for k, v in prompt.state_dict().items()}
-    _atomic_write(out / CKPT_THETA, lambda p: save_file(theta, str(p), metadata=meta))
+    atomic_write(out / CKPT_THETA, lambda p: save_file(theta, str(p), metadata=meta))
     opt_groups = save_optimizer_state(out, optimizer, step) if optimizer is not None else None
     record = {**config, "step": step, "optimizer_param_groups": opt_groups,
               "soft_prompt": {"kind": prompt.kind, "t": prompt.t, "d": prompt.d, "d_e": prompt.d_e,
                               "k": getattr(prompt, "k", None), "hidden": getattr(prompt, "hidden", None)}}
-    _atomic_write(out / CKPT_CONFIG, lambda p: p.write_text(json.dumps(record, indent=2)))
+    atomic_write(out / CKPT_CONFIG, lambda p: p.write_text(json.dumps(record, indent=2)))
 
 
 def save_optimizer_state(out_dir, optimizer: torch.optim.Optimizer, step: int) -> list[dict]:
@@ -446,7 +305,7 @@ def save_optimizer_state(out_dir, optimizer: torch.optim.Optimizer, step: int) -
     which go into the checkpoint's JSON (load_optimizer_state reads both)."""
     sd = optimizer.state_dict()
     state = {f"{i}.{k}": v.contiguous().cpu() for i, s in sd["state"].items() for k, v in s.items()}
-    _atomic_write(Path(out_dir) / CKPT_STATE, lambda p: save_file(state, str(p), metadata={"step": str(step)}))
+    atomic_write(Path(out_dir) / CKPT_STATE, lambda p: save_file(state, str(p), metadata={"step": str(step)}))
     return sd["param_groups"]
 
 
@@ -489,3 +348,12 @@ def load_optimizer_state(ckpt_dir, optimizer: torch.optim.Optimizer, record: dic
         optimizer.load_state_dict({"state": state, "param_groups": record["optimizer_param_groups"]})
     except ValueError as e:     # e.g. an SS_MP checkpoint from before its deviations had their own group
         raise ValueError(f"{path}: optimizer state does not fit this run ({e}); train it again") from None
+
+
+def lr_at(cfg, step: int) -> float:
+    """The learning rate at a step of either trainer (cfg has lr, warmup, steps): linear warm-up,
+    then cosine decay to a tenth of the peak."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))

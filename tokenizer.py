@@ -526,3 +526,24 @@ def _sentencepiece_files_from_gguf(get):
               "chat_template": get("tokenizer.chat_template"),
               "model_max_length": get(f"{get('general.architecture')}.context_length")}
     return tokenizer_json, {k: v for k, v in config.items() if v is not None}
+
+
+# ----------------------------------------------------------------------------------------------
+# The one question -> answer format: fine-tuning trains on it, evaluation and the answer step use it
+
+PLAIN_QA = "Question: {question}\nAnswer:"   # for tokenizers without a chat template
+
+
+def qa_prompt_ids(tok, question: str) -> list[int]:
+    """The question as a user turn of the model's chat template, ready for the answer; or the plain
+    "Question: ...\\nAnswer:" form when the tokenizer has no chat template."""
+    if tok.chat_template:
+        return tok.encode_chat([{"role": "user", "content": question}], add_generation_prompt=True)
+    return tok.encode(PLAIN_QA.format(question=question))
+
+
+def qa_answer_ids(tok, answer: str) -> list[int]:
+    """The answer's tokens and the end-of-turn id (the tokenizer's EOS, which is <|im_end|> for
+    ChatML models such as SmolLM2-Instruct). The plain form puts one space after "Answer:"."""
+    text = answer if tok.chat_template else " " + answer.lstrip()
+    return tok.encode(text) + [tok.eos_id]

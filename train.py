@@ -12,22 +12,21 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import sys
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
+import torch.distributed
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import data
+from dist import all_sum, cli_errors, init_distributed, rank0_first
 from model import DEFAULT_MODEL, DTYPES, dtype_of, keep_freed_memory, load_model, load_tokenizer
 from softsrv import (CKPT_CONFIG, ContextEncoder, build_soft_prompt, context_vectors, load_checkpoint,
-                     load_optimizer_state, pad_targets, sample, save_checkpoint, softsrv_loss)
+                     load_optimizer_state, lr_at, pad_targets, save_checkpoint, softsrv_loss)
+from sampling import sample
 
 # Paper (Sec. 3.3, SPEC §4): t = 128, 20K steps, Adam, lr 5e-6, MC 3x128 MLPs, MP k = 2. The paper
 # does not give the batch size; 16 is assumed. The cpu preset changes, and why:
@@ -73,109 +72,9 @@ class TrainConfig:
     preset: str = "cpu"
 
 
-# ----------------------------------------------------------------------------------------------
-# torchrun: one process per rank, each with its own frozen backbone; only θ is synchronized.
-
-def init_distributed() -> tuple[int, int, str]:
-    """(rank, world size, device) of this process. Under torchrun (WORLD_SIZE > 1) joins the
-    process group: gloo on CPUs, nccl on GPUs with one GPU per rank (LOCAL_RANK)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available()
-    if world == 1:
-        return 0, 1, "cuda" if cuda else "cpu"
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if cuda:
-        torch.cuda.set_device(local)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
-    return dist.get_rank(), dist.get_world_size(), f"cuda:{local}" if cuda else "cpu"
-
-
-@contextmanager
-def rank0_first(rank: int, world: int):
-    """Rank 0 runs the block first (conversions and caches are written once), then the others read.
-    A user mistake rank 0 meets there (ValueError) is handed to the others, so every rank ends with
-    the same one line instead of waiting for rank 0 and dying with a transport error."""
-    if world > 1 and rank != 0:
-        err = [None]
-        dist.broadcast_object_list(err, src=0)
-        if err[0] is not None:
-            raise ValueError(err[0])
-    threads = torch.get_num_threads()
-    if world > 1 and rank == 0:
-        torch.set_num_threads(local_threads())     # the others are waiting: their cores are free
-    try:
-        yield
-    except ValueError as e:
-        if world > 1 and rank == 0:
-            dist.broadcast_object_list([str(e)], src=0)
-        raise
-    finally:
-        torch.set_num_threads(threads)
-    if world > 1 and rank == 0:
-        dist.broadcast_object_list([None], src=0)
-
-
-def local_threads() -> int:
-    """The CPU threads of all of this machine's ranks together (torchrun starts each with
-    OMP_NUM_THREADS=1 unless told otherwise): what one rank may use while the others wait or are gone."""
-    return min(os.cpu_count() or 1, torch.get_num_threads() * int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-
-
-def append_in_rounds(path, jobs: list, make, rank: int, world: int, on_write=None):
-    """Append the records of make(job) for every job to one JSONL, in job order (generation under
-    torchrun). Round r gives job r * world + k to rank k; rank 0 gathers the round and appends it in
-    order, so the file is the one a single process writes, and an interrupted run resumes from the
-    whole rounds already there. on_write(count) is called on rank 0 after each append."""
-    if world > 1:
-        dist.barrier()          # every rank has read what the file held before rank 0 appends to it
-    for r in range(0, len(jobs), world):
-        parts = [make(jobs[r + rank]) if r + rank < len(jobs) else []]
-        if world > 1:
-            mine, parts = parts[0], [None] * world
-            dist.all_gather_object(parts, mine)
-        if rank == 0:
-            records = [rec for part in parts for rec in part]
-            data.write_jsonl(path, records, append=True)
-            if on_write is not None:
-                on_write(len(records))
-    if world > 1:
-        dist.barrier()          # no rank reads the file before it is complete
-
-
-@contextmanager
-def cli_errors():
-    """The body of a CLI that may run under torchrun (train, generate, pipeline): a user mistake
-    (ValueError: a bad file, option or checkpoint) ends the process with one line, not a traceback,
-    and the process group is closed either way."""
-    try:
-        yield
-    except ValueError as e:
-        sys.exit(f"error: {e}")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def all_sum(world: int, *xs: float) -> list[float]:
-    if world == 1:
-        return list(xs)
-    t = torch.tensor(xs, dtype=torch.float64)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
 def make_optimizer(prompt, cfg: TrainConfig) -> torch.optim.Optimizer:
     """AdamW (= Adam where the decay is 0: everything but SS_MP's deviations D)."""
     return torch.optim.AdamW(prompt.param_groups(cfg.mp_decay), lr=cfg.lr)
-
-
-def lr_at(cfg: TrainConfig, step: int) -> float:
-    """Linear warm-up, then cosine decay to a tenth of the peak."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
 
 
 def batch_indices(cfg: TrainConfig, step: int, lengths: list[int]) -> list[int]:
@@ -324,7 +223,7 @@ def train(cfg: TrainConfig, resume: bool = False, show_samples: int = 3) -> dict
     if start >= cfg.steps:
         log(f"{cfg.out} is already trained to step {start}")
     if world > 1:
-        dist.barrier()                           # the last checkpoint is complete before any rank returns
+        torch.distributed.barrier()                           # the last checkpoint is complete before any rank returns
     if rank != 0:
         return {"history": history, "prompt": prompt}
 

@@ -10,7 +10,8 @@ import data
 import eval as ev
 from conftest import has_package
 from model import load_model, load_tokenizer
-from softsrv import generate_from_ids, sample
+from sampling import cut_at, generate_from_ids, sample, stop_on
+from tokenizer import qa_answer_ids, qa_prompt_ids
 
 
 @pytest.fixture(scope="module")
@@ -57,18 +58,18 @@ def test_qa_format_round_trip_chat(tiny):
     _, tok = tiny
     assert tok.chat_template
     q, a = "What is 2+2?", "It is 4."
-    ids = ev.qa_prompt_ids(tok, q) + ev.qa_answer_ids(tok, a)
+    ids = qa_prompt_ids(tok, q) + qa_answer_ids(tok, a)
     full = tok.apply_chat_template([{"role": "user", "content": q}, {"role": "assistant", "content": a}],
                                    add_generation_prompt=False)
     assert ids[-1] == tok.eos_id
     assert tok.decode(ids) == full.rstrip("\n")        # the template's turn ends with EOS then "\n"
-    assert tok.decode(ev.qa_prompt_ids(tok, q)).endswith("assistant\n")
+    assert tok.decode(qa_prompt_ids(tok, q)).endswith("assistant\n")
 
 
 def test_qa_format_round_trip_plain(tiny):
     tok = copy.copy(tiny[1])
     tok.chat_template = None
-    ids = ev.qa_prompt_ids(tok, "What is 2+2?") + ev.qa_answer_ids(tok, "4")
+    ids = qa_prompt_ids(tok, "What is 2+2?") + qa_answer_ids(tok, "4")
     assert tok.decode(ids[:-1]) == "Question: What is 2+2?\nAnswer: 4" and ids[-1] == tok.eos_id
 
 
@@ -83,7 +84,7 @@ def test_answer_loss_equals_direct_computation(tiny):
     got = ev.answer_loss(model, tok, PAIRS, batch_size=2, progress=False)
     total, count = 0.0, 0
     for (q, a), item in zip(PAIRS, got["per_item"]):
-        p, ans = ev.qa_prompt_ids(tok, q), ev.qa_answer_ids(tok, a)
+        p, ans = qa_prompt_ids(tok, q), qa_answer_ids(tok, a)
         logits = model(model.embed(torch.tensor([p + ans])))[0].float()
         ce = F.cross_entropy(logits[len(p) - 1:-1], torch.tensor(ans), reduction="sum").item()
         assert item["tokens"] == len(ans) and item["loss"] == pytest.approx(ce / len(ans), rel=1e-4)
@@ -94,7 +95,7 @@ def test_answer_loss_equals_direct_computation(tiny):
 def test_answer_loss_truncates_to_max_tokens(tiny):
     model, tok = tiny
     got = ev.answer_loss(model, tok, PAIRS[2:], max_tokens=40, progress=False)
-    p = ev.qa_prompt_ids(tok, PAIRS[2][0])
+    p = qa_prompt_ids(tok, PAIRS[2][0])
     assert got["per_item"][0]["truncated"] and got["tokens"] == 40 - len(p)
 
 
@@ -149,9 +150,9 @@ def test_stop_callback_stops_rows(tiny):
 
 def test_stop_on_strings(tiny):
     _, tok = tiny
-    stop = ev.stop_on(tok, ["Question:"])
+    stop = stop_on(tok, ["Question:"])
     assert stop(tok.encode("x = 3\n#### 3\n\nQuestion:")) and not stop(tok.encode("#### 3\n\n"))
-    assert ev.cut_at("#### 3\n\nQuestion: next", ["Question:"]) == "#### 3\n\n"
+    assert cut_at("#### 3\n\nQuestion: next", ["Question:"]) == "#### 3\n\n"
 
 
 # --- the CLI -----------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import data
 import finetune as ft
-from eval import qa_answer_ids, qa_prompt_ids
+from tokenizer import qa_answer_ids, qa_prompt_ids
 from model import load_model, load_tokenizer
 
 PAIRS = [("What is 2+2?", "4"), ("Name a color.", "Blue, like the sky."),

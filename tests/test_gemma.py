@@ -8,7 +8,7 @@ import torch
 
 from conftest import save_hf
 from model import load_model
-from softsrv import left_pad
+from sampling import left_pad
 
 TOL = 1e-4
 V = 320

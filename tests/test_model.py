@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import ROOT, has_package, save_hf, tiny_llama_config
 from model import KVCache, ModelError, load_model
-from softsrv import left_pad
+from sampling import left_pad
 
 TOL = 1e-4
 
@@ -361,7 +361,7 @@ def test_converted_default_matches_transformers_on_the_same_folder():
 @needs_default
 def test_default_model_knows_the_capital_of_france():
     from model import DEFAULT_MODEL, load_tokenizer
-    from softsrv import sample
+    from sampling import sample
     model, tok = load_model(DEFAULT_MODEL), load_tokenizer(DEFAULT_MODEL)
     ids = tok.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
     out = sample(model, model.embed(torch.tensor([ids])), 24, temperature=0, eos_id=tok.eos_id)

@@ -100,7 +100,6 @@ def test_tiny_preset_end_to_end(tiny_backbone, tmp_path, method, capsys):
 
 
 def test_interrupted_answer_step_resumes_to_the_same_output(tiny_backbone, tmp_path, monkeypatch):
-    import softsrv
     cfg = tiny_cfg(tiny_backbone, "pt", batch_size=2, answer_tokens=8)
     questions = [{"index": i, "question": f"What is {i} + {i}?"} for i in range(11)]
     clean, run = pl.Run(cfg, tmp_path / "clean"), pl.Run(cfg, tmp_path / "cut")
@@ -108,18 +107,18 @@ def test_interrupted_answer_step_resumes_to_the_same_output(tiny_backbone, tmp_p
         data.write_jsonl(r.out / "questions.jsonl", questions)
     pl.step_answer(clean)
 
-    real, calls = softsrv.generate_from_ids, []
+    real, calls = pl.generate_from_ids, []
 
     def dies_on_second_chunk(*a, **k):
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt
         return real(*a, **k)
-    monkeypatch.setattr(softsrv, "generate_from_ids", dies_on_second_chunk)
+    monkeypatch.setattr(pl, "generate_from_ids", dies_on_second_chunk)
     with pytest.raises(KeyboardInterrupt):
         pl.step_answer(run)
     assert not run.done("answer") and len(data.read_jsonl(run.out / "answers.jsonl")) == 8   # one chunk
-    monkeypatch.setattr(softsrv, "generate_from_ids", real)
+    monkeypatch.setattr(pl, "generate_from_ids", real)
     pl.step_answer(run)
     assert run.done("answer")
     assert data.read_jsonl(run.out / "answers.jsonl") == data.read_jsonl(clean.out / "answers.jsonl")

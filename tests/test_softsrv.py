@@ -9,8 +9,8 @@ import torch.nn.functional as F
 import data
 from conftest import QUESTIONS
 from model import load_model, load_tokenizer
-from softsrv import (ContextEncoder, build_soft_prompt, draw, filter_logits, load_checkpoint, pad_targets, sample,
-                     softsrv_loss)
+from sampling import draw, filter_logits, sample
+from softsrv import ContextEncoder, build_soft_prompt, load_checkpoint, pad_targets, softsrv_loss
 
 TEXTS = QUESTIONS
 

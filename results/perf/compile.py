@@ -17,6 +17,7 @@ import torch
 
 sys.path.insert(0, os.getcwd())
 import model as M  # noqa: E402
+import sampling  # noqa: E402
 import softsrv  # noqa: E402
 
 warnings.filterwarnings("ignore")
@@ -26,7 +27,7 @@ print(f"batch {B}, MKL packing {'on' if M._MKL_PACK else 'off'}, torch {torch.__
       f"{torch.get_num_threads()} threads, load {os.getloadavg()[0]:.2f}")
 m = M.load_model(M.DEFAULT_MODEL, dtype=torch.float32)
 prefix = m.embed(torch.randint(0, m.cfg.vocab_size, (B, 32), generator=torch.Generator().manual_seed(0)))
-run = lambda: softsrv.sample(m, prefix, 48, temperature=1.0, eos_id=None, generator=torch.Generator().manual_seed(0))
+run = lambda: sampling.sample(m, prefix, 48, temperature=1.0, eos_id=None, generator=torch.Generator().manual_seed(0))
 run()
 for _ in range(2):
     t = time.perf_counter(); run(); print(f"eager: {B * 48 / (time.perf_counter() - t):.1f} tok/s", flush=True)

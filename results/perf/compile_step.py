@@ -14,7 +14,7 @@ of a kv head are the rows of one), and inductor's freezing, which prepacks the w
 packed GEMM itself. Shapes are static (one compile per batch size) unless --dynamic; --profile
 adds torch.profiler's per-op table of one compiled run.
 
-Measured against the project's `softsrv.sample` on the bench's decode workload (32-token embedded
+Measured against the project's `sampling.sample` on the bench's decode workload (32-token embedded
 prompt, 48 new tokens, fp32, temperature 1); both prefill eagerly, so the difference is the steps.
 """
 import os
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.getcwd())
 import model as M  # noqa: E402
+import sampling  # noqa: E402
 import softsrv  # noqa: E402
 
 warnings.filterwarnings("ignore")
@@ -81,7 +82,7 @@ def run_compiled(prefix, seed=0):
     bias[:, :T0] = 0
     g, out = torch.Generator().manual_seed(seed), []
     for n in range(N):
-        tok = softsrv.draw(logits.softmax(-1), g)
+        tok = sampling.draw(logits.softmax(-1), g)
         out.append(tok)
         if n + 1 < N:
             bias[:, T0 + n] = 0
@@ -90,7 +91,7 @@ def run_compiled(prefix, seed=0):
 
 
 def run_eager(prefix, seed=0):
-    return softsrv.sample(m, prefix, N, temperature=1.0, eos_id=None, generator=torch.Generator().manual_seed(seed))
+    return sampling.sample(m, prefix, N, temperature=1.0, eos_id=None, generator=torch.Generator().manual_seed(seed))
 
 
 print(f"shapes {'dynamic' if '--dynamic' in flags else 'static'}")

@@ -9,7 +9,7 @@ rotated separately by HF's rotate_half (chunk, neg, cat), fused_linear reading w
 Module.__getattr__ and returning its outputs split into a list. "after" is the current code:
 one RoPE over the [B, T, H + Hkv, hd] block of queries and keys, rotate_half(x) * sin written as
 x.roll(hd/2) * sin with sin's first half negated (the same products, so the same bits). Both run
-softsrv.sample on the default model (the bench's decode workload: 32-token embedded prompt, 48 new
+sampling.sample on the default model (the bench's decode workload: 32-token embedded prompt, 48 new
 tokens, no EOS), alternating, four times each, same generator seed: tok/s sorted, and whether the
 tokens are identical; first, the aten ops one batch-1 decode step dispatches, views included. Last,
 in fp32, the SoftSRV train step (loss and backward to θ), which runs the same attention code:
@@ -25,6 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.getcwd())
 import model as M  # noqa: E402
+import sampling  # noqa: E402
 import softsrv  # noqa: E402
 
 
@@ -142,7 +143,7 @@ for dtype in (torch.float32, torch.bfloat16):
         prefix = m.embed(torch.randint(0, m.cfg.vocab_size, (B, 32), generator=torch.Generator().manual_seed(0)))
 
         def run():
-            return softsrv.sample(m, prefix, 48, eos_id=None, generator=torch.Generator().manual_seed(0))
+            return sampling.sample(m, prefix, 48, eos_id=None, generator=torch.Generator().manual_seed(0))
         tokens, tok_s = {}, {"before": [], "after": []}
         for which in tok_s:                              # warm-up, and the tokens to compare
             use(which)

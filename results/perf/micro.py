@@ -5,7 +5,7 @@
 1. Matmul GFLOP/s at the default model's shapes: F.linear against the packed GEMM on a weight packed
    once (what model.fused_linear does for frozen weights: MKL's in fp32, oneDNN's in bf16), 1-512 rows.
 2. Sampling one token per row over the 49,152-entry vocabulary: torch.multinomial against inverting
-   the CDF (softsrv.draw), and the top-p filter by full sort against softsrv.filter_logits, on the
+   the CDF (sampling.draw), and the top-p filter by full sort against sampling.filter_logits, on the
    default model's real next-token logits (every position of 16 GSM8K questions; the nucleus size
    decides filter_logits' cost) and on flat random logits (its worst case: the top-k must grow).
 3. Memory read bandwidth (sum over 512 MB): the floor of batch-1 decode, which reads every weight.
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.getcwd())
 import data  # noqa: E402
 from model import DEFAULT_MODEL, load_model, load_tokenizer  # noqa: E402
-from softsrv import draw, filter_logits, left_pad  # noqa: E402
+from sampling import draw, filter_logits, left_pad  # noqa: E402
 
 
 def per_call(f, seconds=0.5):

@@ -6,7 +6,7 @@
    section 1): GB/s of weights read by F.linear, the oneDNN-packed product and a plain sum over the
    same weights (what memory allows), in bf16; and in fp32 the time of F.linear, oneDNN's and MKL's
    packed products at 1-16 rows (why fp32 keeps MKL's).
-2. softsrv.sample on the default model in bf16 (the bench's decode workload: 32-token embedded
+2. sampling.sample on the default model in bf16 (the bench's decode workload: 32-token embedded
    prompt, 48 new tokens, no EOS), packing off vs on, alternating, same generator seed: tok/s and
    whether the tokens are identical.
 """
@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.getcwd())
 import model as M  # noqa: E402
+import sampling  # noqa: E402
 import softsrv  # noqa: E402
 
 
@@ -59,7 +60,7 @@ for N, K in ((3072, 576), (576, 1536)):
              "MKL packed": per_call(lambda: [torch.ops.mkl._mkl_linear(x, p, w, None, rows) for p, w in zip(mkl, ws)])}
         print(f"  {N:5d}x{K:<4d} rows {rows:2d}: " + "  ".join(f"{k} {v * 1e3:6.2f}" for k, v in t.items()))
 
-print("\n2. softsrv.sample, bf16, 32-token embedded prompt, 48 new tokens: tok/s, packing off -> on")
+print("\n2. sampling.sample, bf16, 32-token embedded prompt, 48 new tokens: tok/s, packing off -> on")
 model = M.load_model(M.DEFAULT_MODEL, dtype=torch.bfloat16).eval()
 available = M._ONEDNN_PACK_BF16
 for B in (1, 16, 64):
@@ -70,7 +71,7 @@ for B in (1, 16, 64):
         for on in (False, True):
             M._ONEDNN_PACK_BF16 = on and available
             t0 = time.perf_counter()
-            tokens[on] = softsrv.sample(model, prompt, 48, generator=torch.Generator().manual_seed(0))
+            tokens[on] = sampling.sample(model, prompt, 48, generator=torch.Generator().manual_seed(0))
             got[on].append(B * 48 / (time.perf_counter() - t0))
     M._ONEDNN_PACK_BF16 = available
     print(f"  batch {B:2d}: off " + " ".join(f"{v:6.1f}" for v in got[False]) + "   on " +

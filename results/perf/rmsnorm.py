@@ -7,7 +7,7 @@ model's RMSNorm and F.rms_norm four times each; tok/s sorted. Not adopted: no ga
 """
 import os, sys, time, torch, torch.nn.functional as F
 sys.path.insert(0, os.getcwd())
-import model as M, softsrv
+import model as M, sampling
 torch.set_grad_enabled(False)
 m = M.load_model(M.DEFAULT_MODEL, dtype=torch.float32)
 orig = M.RMSNorm.forward
@@ -20,7 +20,7 @@ n = m.blocks[0].norm1
 print("largest difference of the outputs:", (orig(n, x) - fused(n, x)).abs().max().item())
 for B in (1, 16):
     prefix = m.embed(torch.randint(0, 49152, (B, 32), generator=torch.Generator().manual_seed(0)))
-    run = lambda: softsrv.sample(m, prefix, 48, eos_id=None, generator=torch.Generator().manual_seed(0))
+    run = lambda: sampling.sample(m, prefix, 48, eos_id=None, generator=torch.Generator().manual_seed(0))
     run()
     res = {"orig": [], "fused": []}
     for r in range(4):
