@@ -59,6 +59,7 @@ class FinetuneConfig:
     lr: float = 2e-5                   # peak learning rate
     warmup: int = 5                    # linear warm-up steps from 0
     epochs: float = 1.0                # passes over the pairs; sets the number of steps
+    fixed_steps: int = 0               # > 0: exactly this many steps, whatever --epochs says
     weight_decay: float = 0.0
     save_at: list[int] = field(default_factory=list)   # checkpoint steps (default: evenly spaced)
     n_checkpoints: int = 3             # used when save_at is empty
@@ -80,11 +81,14 @@ def load_pairs(path: str) -> list[tuple[str, str]]:
 
 
 def encode_pairs(tok, pairs: list[tuple[str, str]], seq_len: int) -> list[tuple[list[int], int]]:
-    """Each pair -> (prompt + answer ids, number of prompt ids), cut to seq_len tokens."""
+    """Each pair -> (prompt + answer ids, number of prompt ids), cut to seq_len tokens. The prompt
+    count is taken after the cut, so a pair whose prompt alone fills seq_len has no answer tokens
+    (and adds nothing to the loss or to its divisor) instead of a negative count."""
     out = []
     for q, a in pairs:
         p = qa_prompt_ids(tok, q)
-        out.append(((p + qa_answer_ids(tok, a))[:seq_len], len(p)))
+        ids = (p + qa_answer_ids(tok, a))[:seq_len]
+        out.append((ids, min(len(p), len(ids))))
     return out
 
 
@@ -193,7 +197,7 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> list[tuple[int, Path
     examples = encode_pairs(tok, pairs, cfg.seq_len)
     rows = pack(examples, cfg.seq_len, cfg.seed)
     per_epoch = -(-len(rows) // cfg.batch_size)
-    cfg.steps = max(1, round(cfg.epochs * per_epoch))
+    cfg.steps = cfg.fixed_steps or max(1, round(cfg.epochs * per_epoch))
     n_tok = sum(len(t) for t, _ in examples)
     n_ans = sum(len(t) - p for t, p in examples)
     record = {"config": asdict(cfg), "n_pairs": len(pairs), "n_rows": len(rows), "tokens": n_tok,
@@ -246,7 +250,7 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> list[tuple[int, Path
             ids, labels, seg = collate(examples, chunk, cfg.seq_len, device)
             with autocast():
                 loss, n = packed_loss(model, ids, labels, seg)
-            (loss / total_tokens).backward()          # mean over the step's answer tokens
+            (loss / max(total_tokens, 1)).backward()  # mean over the step's answer tokens
             loss_sum += loss.item()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -278,6 +282,8 @@ def parse_args(argv=None) -> FinetuneConfig:
     a("--lr", type=float, help="peak learning rate (tiny 1e-4, cpu 2e-5, paper 1e-6)")
     a("--warmup", type=int, help="linear warm-up steps from 0 (tiny 1, cpu 5, paper 100)")
     a("--epochs", type=float, help="passes over the pairs (default 1)")
+    a("--steps", type=int, default=0, help="exactly this many optimizer steps, cycling over the pairs; overrides "
+      "--epochs (default 0 = from --epochs); comparisons between data sets fix it")
     a("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
     a("--save-at", type=int, nargs="*", default=[],
       help="checkpoint steps (default: --n-checkpoints evenly spaced; the last step always)")
@@ -289,12 +295,13 @@ def parse_args(argv=None) -> FinetuneConfig:
     args = p.parse_args(argv)
     preset = PRESETS[args.preset]
     cfg = FinetuneConfig(data=args.data, out=args.out, model=args.model, micro_batch=args.micro_batch,
+                         fixed_steps=args.steps,
                          weight_decay=args.weight_decay, save_at=args.save_at, seed=args.seed, dtype=args.dtype,
                          **{k: getattr(args, k) if getattr(args, k) is not None else v for k, v in preset.items()})
     for f in ("seq_len", "batch_size", "micro_batch", "n_checkpoints"):
         if getattr(cfg, f) < 1:
             p.error(f"--{f.replace('_', '-')} must be at least 1")
-    if cfg.epochs <= 0 or cfg.lr <= 0 or cfg.warmup < 0:
+    if cfg.epochs <= 0 or cfg.lr <= 0 or cfg.warmup < 0 or cfg.fixed_steps < 0:
         p.error("need --epochs > 0, --lr > 0, --warmup >= 0")
     return cfg
 

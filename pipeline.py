@@ -30,6 +30,7 @@ import json
 import math
 import re
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -37,6 +38,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import answers
 import data
 from dist import append_in_rounds, cli_errors, init_distributed, local_threads
 from model import DEFAULT_MODEL, DTYPES, dtype_of, keep_freed_memory, load_model, load_tokenizer
@@ -110,7 +112,7 @@ TEMPLATES = {
 # - 5-shot GSM8K on 100 of the 330 held-out items per checkpoint; answer loss on the same 100.
 PRESETS = {
     "tiny": dict(train_steps=4, prompt_len=4, n_heldout=8, n_generate=24, n_keep=12, n_clusters=4, svd_dims=8,
-                 question_tokens=16, answer_tokens=48, ft_preset="tiny", ft_epochs=1.0, eval_limit=4,
+                 question_tokens=16, answer_tokens=128, ft_preset="tiny", ft_epochs=1.0, eval_limit=4,
                  top_p=0.9, pt_temperature=1.0, pt_top_p=0.9, sr_rounds=1, buckets=2),
     "cpu": dict(train_steps=None, prompt_len=None, n_heldout=100, n_generate=1000, n_keep=500, n_clusters=50,
                 svd_dims=100, question_tokens=None, answer_tokens=256, ft_preset="cpu", ft_epochs=1.0,
@@ -146,10 +148,15 @@ class PipelineConfig:
     question_tokens: int | None = None  # longest generated question (None: train.py's max tokens)
     answer_temperature: float = 0.0     # 0 = greedy
     answer_tokens: int = 256
+    answer_format: str = "as-is"        # as-is (the paper's) | fewshot (the same k-shot prompt for every method)
+    answer_samples: int = 1             # GSM8K self-consistency: k sampled answers, a strict majority kept
+    answer_attempts: float = 2.0        # questions answered at most, as a multiple of the pairs wanted
+    target: str = "question"            # SoftSRV learns the questions, or whole examples (full)
     ngram: int = 13
     ft_preset: str = "cpu"
     ft_epochs: float = 1.0
     ft_lr: float | None = None
+    ft_steps: int | None = None         # fine-tuning steps (None: ft_epochs over the pairs); fixed across arms
     eval_limit: int | None = 100        # held-out items per checkpoint evaluation (None: all)
     buckets: int = 32                   # MAUVE clusters (the paper's 32)
     batch_size: int = 16
@@ -240,9 +247,10 @@ def dedup(texts: list[str]) -> list[int]:
 
 def cluster_subsample(texts: list[str], n: int, n_clusters: int, dims: int, seed: int) -> list[int]:
     """A.2 (b): TF-IDF -> TruncatedSVD(dims) -> MiniBatchKMeans(n_clusters), then one random point per
-    cluster, round-robin over the clusters, without replacement, until n are chosen."""
-    if n >= len(texts):
-        return list(range(len(texts)))
+    cluster, round-robin over the clusters, without replacement, until n are chosen. Returned in the
+    order chosen, so a longer subsample extends a shorter one (the answer step draws reserves from it)."""
+    if len(texts) <= 1:
+        return list(range(min(n, len(texts))))
     from sklearn.cluster import MiniBatchKMeans
     from sklearn.decomposition import TruncatedSVD
     from sklearn.feature_extraction.text import TfidfVectorizer
@@ -254,11 +262,12 @@ def cluster_subsample(texts: list[str], n: int, n_clusters: int, dims: int, seed
     rng = np.random.default_rng(seed)
     pools = [rng.permutation(np.flatnonzero(labels == c)).tolist() for c in range(k)]
     chosen: list[int] = []
+    n = min(n, len(texts))
     while len(chosen) < n:
         for pool in pools:
             if pool and len(chosen) < n:
                 chosen.append(pool.pop())
-    return sorted(chosen)
+    return chosen
 
 
 # ----------------------------------------------------------------------------------------------
@@ -292,7 +301,9 @@ def train_cfg(cfg: PipelineConfig, out: Path):
     """The train.py config of Step 1: train.py's own preset ('paper' for the paper preset, else
     'cpu'), the task's train questions, with this run's overrides."""
     import train
-    argv = ["--param", cfg.method, "--preset", "paper" if cfg.preset == "paper" else "cpu", "--data", cfg.task,
+    target = ["--data", cfg.task] if cfg.target == "question" else \
+        ["--data", str((out / FULL_EXAMPLES).resolve()), "--field", "text", "--max-tokens", str(FULL_TOKENS)]
+    argv = ["--param", cfg.method, "--preset", "paper" if cfg.preset == "paper" else "cpu", *target,
             "--model", cfg.generator, "--out", str(out / "softsrv"), "--seed", str(cfg.seed),
             "--n-heldout", str(cfg.n_heldout), "--dtype", cfg.dtype]
     if cfg.train_steps:
@@ -304,12 +315,33 @@ def train_cfg(cfg: PipelineConfig, out: Path):
     return train.parse_args(argv)[0]
 
 
+# --target full: SoftSRV learns whole examples (question and reference answer in answers.EXAMPLE's
+# format), so each sample carries its own answer and no answerer is needed (in the spirit of DawGen,
+# which conditions generation on labels). A worked GSM8K example is about twice a question's length.
+FULL_EXAMPLES, FULL_TOKENS = "full_examples.jsonl", 256
+
+
+def write_full_examples(run: Run) -> Path:
+    cfg = run.cfg
+    path = run.out / FULL_EXAMPLES
+    if run.rank == 0:
+        recs = [{"text": answers.EXAMPLE.format(q=e.text, a=answers.reference(cfg.task, e)), "id": e.id}
+                for e in _train_fold(cfg)]
+        data.write_jsonl(path, recs)
+    if run.world > 1:
+        torch.distributed.barrier()
+    return path
+
+
 def step_train(run: Run):
     import train
     from softsrv import CKPT_CONFIG
     cfg = run.cfg
+    if cfg.target == "full":
+        write_full_examples(run)
     tcfg = train_cfg(cfg, run.out)
-    t0 = run.start("train", f"SS_{cfg.method.upper()} on {cfg.task} train questions, {tcfg.steps} steps -> {tcfg.out}")
+    what = "train questions" if cfg.target == "question" else "whole train examples (question + answer)"
+    t0 = run.start("train", f"SS_{cfg.method.upper()} on {cfg.task} {what}, {tcfg.steps} steps -> {tcfg.out}")
     resume = (Path(tcfg.out) / CKPT_CONFIG).exists()
     result = train.train(tcfg, resume=resume, show_samples=0)
     hist = result["history"]
@@ -332,12 +364,15 @@ def _complete(model, tok, texts: list[str], cfg: PipelineConfig, seed: int, chat
     return [tok.decode(x).strip() for x in ids]
 
 
-def _in_chunks(run: Run, path: Path, n: int, chunk: int, make, desc: str):
-    """Append records 0..n-1 to a JSONL in chunks, skipping indices already there (resume); under
-    torchrun the ranks make the chunks in turn (dist.append_in_rounds). Every rank gets all records."""
+def _in_chunks(run: Run, path: Path, n: int | range, chunk: int, make, desc: str):
+    """Append the records of indices 0..n-1 (or of a range) to a JSONL in chunks, skipping indices
+    already there (resume); under torchrun the ranks make the chunks in turn (dist.append_in_rounds).
+    Every rank gets all the file's records."""
     done = {r["index"] for r in data.read_jsonl(path)} if path.exists() else set()
-    todo = [i for i in range(n) if i not in done]
-    bar = tqdm(total=n, initial=n - len(todo), desc=desc, unit="item", dynamic_ncols=True, disable=run.rank != 0)
+    wanted = range(n) if isinstance(n, int) else n
+    todo = [i for i in wanted if i not in done]
+    bar = tqdm(total=len(wanted), initial=len(wanted) - len(todo), desc=desc, unit="item", dynamic_ncols=True,
+               disable=run.rank != 0)
     append_in_rounds(path, [todo[s:s + chunk] for s in range(0, len(todo), chunk)], make, run.rank, run.world,
                      on_write=bar.update)
     bar.close()
@@ -406,7 +441,8 @@ def step_generate(run: Run):
     counts: dict = {}
     if cfg.method == "train":
         t0 = run.start("generate", f"the real train fold of {cfg.task}: {len(train_ex)} questions")
-        recs = [{"question": e.text, "answer": _reference(cfg.task, e), "source": e.id} for e in train_ex]
+        recs = [{"question": e.text, "answer": answers.reference(cfg.task, e), "finished": True, "source": e.id}
+                for e in train_ex]
         counts["generated"] = len(recs)
     elif cfg.method in SOFTSRV:
         import generate
@@ -415,9 +451,15 @@ def step_generate(run: Run):
                                  temperature=cfg.temperature, top_p=cfg.top_p, batch_size=cfg.batch_size,
                                  max_new_tokens=cfg.question_tokens, seed=cfg.seed, dtype=cfg.dtype)
         rows = data.read_jsonl(path)
-        recs = [{"question": r["text"], "source": r["context_id"]} for r in rows]
-        counts["generated"] = len(recs)
+        counts["generated"] = len(rows)
         counts["unfinished"] = sum(not r["finished"] for r in rows)
+        if cfg.target == "full":      # each sample is a whole example: its answer comes with it
+            parts = [answers.split_example(r["text"]) for r in rows]
+            counts["without_answer_part"] = sum(p is None for p in parts)
+            recs = [{"question": p[0], "answer": p[1], "finished": r["finished"], "source": r["context_id"]}
+                    for r, p in zip(rows, parts) if p is not None]
+        else:
+            recs = [{"question": r["text"], "source": r["context_id"]} for r in rows]
     else:
         n_comp = math.ceil(cfg.n_generate / 10)
         t0 = run.start("generate", f"{n_comp} PT completions of 10 questions (temperature {cfg.pt_temperature})")
@@ -435,51 +477,80 @@ def step_generate(run: Run):
                 r["question"] = q
             counts["self_refine"] = sr
     if not any(r["question"].strip() for r in recs):
-        raise ValueError(f"{run.out}: every generated question is empty ({len(recs)} generated); "
+        what = "is empty" if cfg.target == "question" else "is empty or has no 'Answer:' part"
+        raise ValueError(f"{run.out}: every generated question {what} ({counts['generated']} generated); "
                          f"nothing to continue with")
     uniq = dedup([r["question"] for r in recs])
     counts["unique"] = len(uniq)
     recs = [recs[i] for i in uniq]
-    if cfg.method != "train" and run.rank == 0:      # the others only wait for the file
-        chosen = cluster_subsample([r["question"] for r in recs], cfg.keep(), cfg.n_clusters, cfg.svd_dims, cfg.seed)
+    if run.rank == 0:      # the others only wait for the file
+        # A.2 (b) for every method, the real train fold too, so matched arms choose alike. All unique
+        # questions are kept in the order chosen: the first N are the subsample, the rest reserves the
+        # answer step draws on when answers are dropped.
+        chosen = cluster_subsample([r["question"] for r in recs], len(recs), cfg.n_clusters, cfg.svd_dims, cfg.seed)
         recs = [recs[i] for i in chosen]
-    counts["subsampled"] = len(recs)
-    if run.rank == 0:
         data.write_jsonl(run.out / "questions.jsonl", [{"index": i, **r} for i, r in enumerate(recs)])
+    counts["subsampled"] = min(cfg.keep(), len(recs))
     run.finish("generate", counts, t0)
 
 
-def _reference(task: str, e: data.Example) -> str:
-    from eval import reference_answer
-    return reference_answer(task, e)
+def make_answerer(run: Run) -> answers.Answerer:
+    cfg = run.cfg
+    model = load_model(cfg.answerer, dtype=dtype_of(cfg.dtype, run.device), device=run.device)
+    shots = data.load_examples(cfg.task, "train", limit=answers.FEWSHOT_K[cfg.task]) \
+        if cfg.answer_format == "fewshot" else []
+    return answers.Answerer(model, load_tokenizer(cfg.answerer), cfg.task, cfg.answer_format,
+                            "{q}" if cfg.method in SOFTSRV else TEMPLATES[cfg.task]["answer"], shots,
+                            cfg.answer_tokens, cfg.answer_temperature, cfg.answer_samples, cfg.batch_size)
 
 
 def step_answer(run: Run):
+    """Step 3: answers for the questions in their subsample order, until N usable pairs exist or
+    answer_attempts x N questions were tried. Round 1 answers the first N; each later round answers
+    as many reserves as pairs are still missing. The rounds depend only on the answers, so an
+    interrupted step resumes into the file an uninterrupted one writes."""
     cfg = run.cfg
     qs = data.read_jsonl(run.out / "questions.jsonl")
-    if cfg.method == "train":
-        t0 = run.start("answer", f"{len(qs)} reference answers of the train fold (no generation)")
-        recs = [{"index": r["index"], "question": r["question"], "answer": r["answer"], "finished": True} for r in qs]
-        if run.rank == 0:
-            data.write_jsonl(run.out / "answers.jsonl", recs)
+    need = min(cfg.keep(), len(qs))
+    cap = min(len(qs), max(need, math.ceil(cfg.answer_attempts * need)))
+    path = run.out / "answers.jsonl"
+    given = cfg.method == "train" or cfg.target == "full"     # the answer came with the question
+    if given:
+        what = "reference answers of the train fold" if cfg.method == "train" else "answers written with the questions"
+        t0 = run.start("answer", f"{need} pairs wanted; {what}, gated")
+        answerer = None
     else:
-        how = "the question as-is (chat format)" if cfg.method in SOFTSRV else "Fig. 9's answer template"
-        t0 = run.start("answer", f"{len(qs)} questions -> {cfg.answerer}, {how}, "
-                              f"temperature {cfg.answer_temperature}, <= {cfg.answer_tokens} tokens")
-        model = load_model(cfg.answerer, dtype=dtype_of(cfg.dtype, run.device), device=run.device)
-        tok = load_tokenizer(cfg.answerer)
-        tmpl = "{q}" if cfg.method in SOFTSRV else TEMPLATES[cfg.task]["answer"]
+        how = {"as-is": "the question as-is (chat format)" if cfg.method in SOFTSRV else "Fig. 9's answer template",
+               "fewshot": f"{answers.FEWSHOT_K[cfg.task]}-shot prompt of train examples"}[cfg.answer_format]
+        t0 = run.start("answer", f"{need} pairs wanted (at most {cap} questions tried) -> {cfg.answerer}, {how}, "
+                              f"temperature {cfg.answer_temperature}, {cfg.answer_samples} sample(s), "
+                              f"<= {cfg.answer_tokens} tokens")
+        answerer = make_answerer(run)
 
-        def make(idx):
-            prompts = [qa_prompt_ids(tok, tmpl.format(q=qs[i]["question"])) for i in idx]
-            outs = generate_from_ids(model, prompts, cfg.answer_tokens, tok.eos_id, temperature=cfg.answer_temperature,
-                                     batch_size=cfg.batch_size, seed=cfg.seed * 1_000_003 + idx[0])
-            return [{"index": i, "question": qs[i]["question"], "answer": tok.decode(o).strip(),
-                     "finished": len(o) < cfg.answer_tokens} for i, o in zip(idx, outs)]
-        recs = _in_chunks(run, run.out / "answers.jsonl", len(qs), 4 * cfg.batch_size, make, "answers")
-    n_empty = sum(not r["answer"] for r in recs)
-    run.finish("answer", {"answered": len(recs), "empty": n_empty,
-                          "hit_token_limit": sum(not r["finished"] for r in recs)}, t0)
+    def make(idx):
+        if answerer is None:
+            outs = [{"answer": qs[i]["answer"], "finished": qs[i].get("finished", True),
+                     "drop": None if cfg.method == "train" else
+                     answers.gate(cfg.task, qs[i]["answer"], qs[i].get("finished", True))} for i in idx]
+        else:
+            outs = answerer.answer([qs[i]["question"] for i in idx], seed=cfg.seed * 1_000_003 + idx[0])
+        return [{"index": i, "question": qs[i]["question"], **o} for i, o in zip(idx, outs)]
+
+    start, size = 0, need
+    while start < cap:
+        end = min(start + size, cap)
+        recs = _in_chunks(run, path, range(start, end), 4 * cfg.batch_size, make, "answers")
+        usable = sum(r["drop"] is None for r in recs if r["index"] < end)
+        if usable >= need:
+            break
+        start, size = end, max(need - usable, cfg.batch_size)
+    recs = [r for r in data.read_jsonl(path)]
+    drops = Counter(r["drop"] for r in recs if r["drop"] is not None)
+    counts = {"wanted": need, "attempted": len(recs), "usable": sum(r["drop"] is None for r in recs),
+              "dropped": dict(sorted(drops.items())), "format": cfg.answer_format}
+    if cfg.answer_samples > 1:
+        counts["mean_agreement"] = round(sum(r.get("agreement", 0) for r in recs) / max(len(recs), 1), 4)
+    run.finish("answer", counts, t0)
 
 
 def eval_items(task: str) -> list[data.Example]:
@@ -493,18 +564,25 @@ def eval_items(task: str) -> list[data.Example]:
 
 
 def step_decontam(run: Run):
+    """Step 4 (A.3), then the first N usable pairs in subsample order are the data."""
     cfg = run.cfg
-    recs = [r for r in data.read_jsonl(run.out / "answers.jsonl") if r["answer"]]
+    recs = sorted((r for r in data.read_jsonl(run.out / "answers.jsonl") if r["drop"] is None),
+                  key=lambda r: r["index"])
     test = eval_items(cfg.task)
-    t0 = run.start("decontam", f"{len(recs)} pairs against {len(test)} evaluated {cfg.task} items, {cfg.ngram}-grams")
+    t0 = run.start("decontam", f"{len(recs)} usable pairs against {len(test)} evaluated {cfg.task} items, "
+                               f"{cfg.ngram}-grams; the first {cfg.keep()} kept")
     texts = [e.text for e in test] + [e.answer for e in test if e.answer]
     kept, dropped = decontaminate(recs, texts, cfg.ngram)
+    kept = kept[:cfg.keep()]
     data.write_jsonl(run.out / "dropped.jsonl", dropped)
     data.write_jsonl(run.out / "data.jsonl", [{"question": r["question"], "answer": r["answer"],
                                                "id": f"{cfg.task}-{cfg.method}-{r['index']}",
                                                "method": cfg.method} for r in kept])
     if not kept:
         raise ValueError(f"{run.out}: no (question, answer) pair left after decontamination")
+    if len(kept) < cfg.keep():
+        run.log(f"[decontam] warning: {len(kept)} pairs, fewer than the {cfg.keep()} wanted "
+                f"(raise --answer-attempts or --n-generate)")
     run.finish("decontam", {"pairs": len(recs), "dropped": len(dropped), "kept": len(kept)}, t0)
 
 
@@ -515,6 +593,8 @@ def ft_cfg(run: Run):
             "--preset", cfg.ft_preset, "--epochs", str(cfg.ft_epochs), "--seed", str(cfg.seed), "--dtype", cfg.dtype]
     if cfg.ft_lr:
         argv += ["--lr", str(cfg.ft_lr)]
+    if cfg.ft_steps:
+        argv += ["--steps", str(cfg.ft_steps)]
     return finetune.parse_args(argv)
 
 
@@ -588,10 +668,10 @@ def write_report(run: Run):
     lines = [f"# {cfg.task} / {cfg.method} ({cfg.preset} preset)", "",
              f"Command: `python pipeline.py --task {cfg.task} --method {cfg.method} --preset {cfg.preset} "
              f"--out {run.out}`", "", "## Counts", "",
-             "| generated | unique | subsampled | answered | empty answers | dropped (decontamination) | kept |",
+             "| generated | unique | subsampled (N) | answered | usable answers | dropped (decontamination) | kept |",
              "|---|---|---|---|---|---|---|",
-             f"| {g.get('generated')} | {g.get('unique')} | {g.get('subsampled')} | {a.get('answered')} | "
-             f"{a.get('empty')} | {d.get('dropped')} | {d.get('kept')} |", ""]
+             f"| {g.get('generated')} | {g.get('unique')} | {g.get('subsampled')} | {a.get('attempted')} | "
+             f"{a.get('usable')} | {d.get('dropped')} | {d.get('kept')} |", ""]
     if "completions" in g:
         lines += [f"PT parse: {g['completions']} completions; questions per completion "
                   f"{g['questions_per_completion']}; {g['completions_without_questions']} with none.", ""]
@@ -599,8 +679,15 @@ def write_report(run: Run):
         lines += ["PT_SR rounds: " + "; ".join(f"round {r['round']}: {r['questions']} questions, {r['stopped']} "
                                                 f"'Stop', {r['refined']} refined, {r['empty_kept']} empty (kept)"
                                                 for r in g["self_refine"]["rounds"]), ""]
-    if a.get("hit_token_limit"):
-        lines += [f"{a['hit_token_limit']} answers hit the {cfg.answer_tokens}-token limit.", ""]
+    if a:
+        dropped = ", ".join(f"{k} {v}" for k, v in a.get("dropped", {}).items()) or "none"
+        lines += [f"Answers: format `{cfg.answer_format}`, {cfg.answer_samples} sample(s) per question, "
+                  f"at most {cfg.answer_tokens} tokens; dropped by the gates (answers.py): {dropped}."
+                  + (f" Self-consistency: mean agreement {a['mean_agreement']:.3f}." if "mean_agreement" in a else ""),
+                  ""]
+    if cfg.target == "full":
+        lines += [f"Target: whole examples (SoftSRV wrote question and answer together); "
+                  f"{g.get('without_answer_part', 0)} samples had no answer part.", ""]
     if "mauve" in ev:
         m = ev["mauve"]
         lines += ["## MAUVE of the synthetic questions", "",
@@ -703,9 +790,24 @@ def parse_args(argv=None) -> tuple[PipelineConfig, str | None, str | None]:
     a("--pt-top-p", type=float, help="PT/PT_SR nucleus sampling (tiny/cpu 0.9 as SoftSRV's; paper 1.0 = off)")
     a("--sr-rounds", type=int, help="PT_SR: critique and refine rounds at most (tiny/cpu 1, paper 3)")
     a("--answer-temperature", type=float, default=0.0, help="answering temperature (default 0 = greedy)")
-    a("--answer-tokens", type=int, help="longest answer in tokens (tiny 48, cpu 256, paper 512)")
+    a("--answer-tokens", type=int, help="longest answer in tokens (tiny 128, cpu 256, paper 512); an answer "
+      "cut there is dropped, never trained")
+    a("--answer-format", choices=answers.FORMATS,
+      help="as-is: the paper's (SoftSRV: the question alone in the chat format; PT/PT_SR: Fig. 9); fewshot: "
+           "every method the same k-shot prompt of train examples, so arms differ only in their questions "
+           "(default as-is)")
+    a("--answer-samples", type=int,
+      help="GSM8K self-consistency: k sampled answers per question (needs --answer-temperature > 0), the "
+           "question kept when a strict majority of the final answers agree (default 1 = off)")
+    a("--answer-attempts", type=float,
+      help="questions answered at most, as a multiple of the N pairs wanted, when answers are dropped (default 2)")
+    a("--target", choices=("question", "full"),
+      help="what SoftSRV learns: the questions (the paper's), or whole examples, question + reference answer, so "
+           "each sample carries its own answer and no answerer runs (default question)")
     a("--ft-lr", type=float, help="fine-tuning peak lr (default: finetune.py's preset: cpu 2e-5, paper 1e-6)")
     a("--ft-epochs", type=float, help="fine-tuning passes over data.jsonl (default 1)")
+    a("--ft-steps", type=int, help="fine-tuning steps, overriding --ft-epochs: the same for every arm of a "
+      "comparison (default: from --ft-epochs)")
     a("--eval-limit", type=int, help="held-out items per evaluation (tiny 4, cpu 100, paper all)")
     a("--buckets", type=int, help="MAUVE k-means buckets (default 32, the paper's)")
     a("--batch-size", type=int, default=16, help="rows decoded together when generating (default 16)")
@@ -727,6 +829,14 @@ def parse_args(argv=None) -> tuple[PipelineConfig, str | None, str | None]:
             p.error(f"--{f.replace('_', '-')} must be at least 1")
     if cfg.method not in SOFTSRV and (args.train_steps or args.stop_after == "train"):
         p.error(f"--train-steps / --stop-after train: method {cfg.method} trains no soft prompt")
+    if cfg.target == "full" and cfg.method not in SOFTSRV:
+        p.error(f"--target full: method {cfg.method} is not a SoftSRV method (np, mp, mc)")
+    if cfg.answer_samples < 1 or cfg.answer_attempts < 1:
+        p.error("need --answer-samples >= 1 and --answer-attempts >= 1")
+    if cfg.answer_samples > 1 and (cfg.task != "gsm8k" or cfg.answer_temperature <= 0):
+        p.error("--answer-samples > 1 (self-consistency) needs --task gsm8k and --answer-temperature > 0")
+    if cfg.ft_steps is not None and cfg.ft_steps < 1:
+        p.error("--ft-steps must be at least 1")
     return cfg, args.out, args.stop_after
 
 

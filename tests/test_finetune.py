@@ -102,3 +102,23 @@ def test_other_settings_and_bad_data_are_refused(tiny_backbone, tmp_path):
     data.write_jsonl(bad, [{"question": "q", "answer": "a"}, {"question": "q2"}])
     with pytest.raises(ValueError, match="bad.jsonl: record 2 needs"):
         ft.load_pairs(str(bad))
+
+
+def test_a_prompt_longer_than_seq_len_counts_no_answer_tokens(tiny):
+    """A pair cut inside its prompt has no answer tokens: its count is 0, never negative, so it adds
+    nothing to the loss divisor (the old count kept len(prompt) after the cut)."""
+    _, tok = tiny
+    long_q = "word " * 200
+    (ids, n_prompt), (ids2, n_prompt2) = ft.encode_pairs(tok, [(long_q, "short"), ("Hi?", "Hello.")], 64)
+    assert len(ids) == 64 and n_prompt == 64 and len(ids) - n_prompt == 0
+    assert len(ids2) - n_prompt2 == len(qa_answer_ids(tok, "Hello."))
+    _, labels, _ = ft.collate([(ids, n_prompt), (ids2, n_prompt2)], [[0], [1]], 64, "cpu")
+    assert (labels[0] != -100).sum() == 0 and (labels[1] != -100).sum() == len(ids2) - n_prompt2
+
+
+def test_fixed_steps_override_epochs(tiny_backbone, tmp_path):
+    cfg = ft.FinetuneConfig(data=write_pairs(tmp_path / "pairs.jsonl"), out=str(tmp_path / "ft"),
+                            model=str(tiny_backbone), seq_len=64, batch_size=2, micro_batch=2, lr=1e-3,
+                            warmup=1, epochs=1, fixed_steps=5, n_checkpoints=1, dtype="fp32")
+    ckpts = ft.finetune(cfg, progress=False)
+    assert cfg.steps == 5 and [s for s, _ in ckpts] == [5]

@@ -68,8 +68,11 @@ def tiny_cfg(backbone, method, **kw):
     return cfg
 
 
-@pytest.mark.parametrize("method", ["np", "pt"])
-def test_tiny_preset_end_to_end(tiny_backbone, tmp_path, method, capsys):
+@pytest.mark.parametrize("method", ["np", "pt", "train"])
+def test_tiny_preset_end_to_end(tiny_backbone, tmp_path, method, capsys, monkeypatch):
+    # A random tiny model never ends an answer nor writes a final number; here only empty answers are
+    # dropped, so pairs flow through (the gates themselves: tests/test_answers.py).
+    monkeypatch.setattr(pl.answers, "gate", lambda task, text, finished: None if text.strip() else "empty")
     out = pl.run_pipeline(tiny_cfg(tiny_backbone, method), str(tmp_path / method), stop_after="decontam")
     first = (["train"] if method == "np" else []) + ["generate", "answer", "decontam"]
     assert list(json.loads((out / "state.json").read_text())) == first and not (out / "report.md").exists()
@@ -82,6 +85,17 @@ def test_tiny_preset_end_to_end(tiny_backbone, tmp_path, method, capsys):
     assert g["subsampled"] == min(12, g["unique"]) and g["unique"] <= g["generated"]
     rows = [json.loads(line) for line in (out / "data.jsonl").read_text().splitlines()]
     assert len(rows) == state["decontam"]["kept"] > 0
+    # only answers that passed the gates are trained on, at most N of them, in subsample order
+    answered = data.read_jsonl(out / "answers.jsonl")
+    usable = [r for r in answered if r["drop"] is None]
+    a = state["answer"]
+    assert a["usable"] == len(usable) and a["attempted"] == len(answered)
+    assert sum(a["dropped"].values()) == len(answered) - len(usable)
+    assert [r["question"] for r in rows] == [r["question"] for r in sorted(usable, key=lambda r: r["index"])][:12]
+    if method == "train":     # the control: real questions with their reference answers, N of them
+        assert len(rows) == 12 and a["dropped"] == {}
+        refs = {e.text: e.answer for e in data.load_examples("gsm8k", "train")}
+        assert all(r["question"] in refs for r in rows)
     assert all(isinstance(r["question"], str) and isinstance(r["answer"], str) for r in rows)
     if has_package("datasets"):
         import datasets
@@ -107,18 +121,18 @@ def test_interrupted_answer_step_resumes_to_the_same_output(tiny_backbone, tmp_p
         data.write_jsonl(r.out / "questions.jsonl", questions)
     pl.step_answer(clean)
 
-    real, calls = pl.generate_from_ids, []
+    real, calls = pl.answers.generate_from_ids, []
 
     def dies_on_second_chunk(*a, **k):
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt
         return real(*a, **k)
-    monkeypatch.setattr(pl, "generate_from_ids", dies_on_second_chunk)
+    monkeypatch.setattr(pl.answers, "generate_from_ids", dies_on_second_chunk)
     with pytest.raises(KeyboardInterrupt):
         pl.step_answer(run)
     assert not run.done("answer") and len(data.read_jsonl(run.out / "answers.jsonl")) == 8   # one chunk
-    monkeypatch.setattr(pl, "generate_from_ids", real)
+    monkeypatch.setattr(pl.answers, "generate_from_ids", real)
     pl.step_answer(run)
     assert run.done("answer")
     assert data.read_jsonl(run.out / "answers.jsonl") == data.read_jsonl(clean.out / "answers.jsonl")
@@ -160,3 +174,62 @@ def test_self_refine_stops_on_stop_and_keeps_refining_the_rest(tiny_backbone, tm
     assert stats["rounds"] == [{"round": 1, "questions": 3, "stopped": 1, "empty_kept": 1, "refined": 1},
                                {"round": 2, "questions": 2, "stopped": 0, "empty_kept": 1, "refined": 1}]
     assert any("Critique: clear and original If the critique is strongly positive" in p for p in prompts)
+
+
+def test_answer_step_draws_reserves_until_n_usable_pairs(tiny_backbone, tmp_path, monkeypatch):
+    """Dropped answers are replaced by the next questions in subsample order, up to answer_attempts x N;
+    a resumed step writes the same file as an uninterrupted one."""
+    cfg = tiny_cfg(tiny_backbone, "mc", n_keep=4, batch_size=2, answer_attempts=3.0)
+    questions = [{"index": i, "question": f"q{i}"} for i in range(20)]
+
+    class Fake:       # every question whose number is a multiple of 3 gets an answer that loops
+        def answer(self, qs, seed):
+            return [{"answer": "x " * 30 if int(q[1:]) % 3 == 0 else f"{q}\n#### 1",
+                     "finished": True, "drop": "loop" if int(q[1:]) % 3 == 0 else None} for q in qs]
+    monkeypatch.setattr(pl, "make_answerer", lambda run: Fake())
+    run = pl.Run(cfg, tmp_path / "r")
+    data.write_jsonl(run.out / "questions.jsonl", questions)
+    pl.step_answer(run)
+    recs = data.read_jsonl(run.out / "answers.jsonl")
+    # round 1: q0-q3 (q0, q3 loop); round 2: 2 missing -> q4, q5 (q5... 5 % 3 != 0) -> 4 usable
+    assert [r["index"] for r in recs] == list(range(6))
+    assert run.state["answer"]["usable"] == 4 and run.state["answer"]["dropped"] == {"loop": 2}
+    cfg2 = tiny_cfg(tiny_backbone, "mc", n_keep=10, batch_size=2, answer_attempts=1.5)
+    run2 = pl.Run(cfg2, tmp_path / "capped")
+    data.write_jsonl(run2.out / "questions.jsonl", questions)
+    pl.step_answer(run2)
+    assert run2.state["answer"]["attempted"] == 15 and run2.state["answer"]["usable"] == 10
+
+
+def test_target_full_trains_on_whole_examples_and_needs_no_answerer(tiny_backbone, tmp_path, monkeypatch):
+    """--target full: SS_MC learns "Question: ...\nAnswer: ..." texts; the pairs come from its samples,
+    gated like answers (the answering LM is never loaded)."""
+    cfg = tiny_cfg(tiny_backbone, "mc", target="full")
+    monkeypatch.setattr(pl, "make_answerer", lambda run: pytest.fail("no answerer for --target full"))
+    # a random tiny model never writes "Answer:": split its samples in two instead, and keep them all
+    real_split = pl.answers.split_example
+    monkeypatch.setattr(pl.answers, "split_example", lambda t: real_split(
+        "Question: " + t[:len(t) // 2] + "\nAnswer: " + t[len(t) // 2:]))
+    monkeypatch.setattr(pl.answers, "gate", lambda task, text, finished: None if text.strip() else "empty")
+    out = pl.run_pipeline(cfg, str(tmp_path / "full"), stop_after="decontam")
+    ex = data.read_jsonl(out / pl.FULL_EXAMPLES)
+    assert ex[0]["text"].startswith("Question: ") and "\nAnswer: " in ex[0]["text"]
+    settings = json.loads((out / "softsrv" / "config.json").read_text())["config"]
+    assert settings["data"].endswith(pl.FULL_EXAMPLES) and settings["field"] == "text"
+    state = json.loads((out / "state.json").read_text())
+    assert state["generate"]["generated"] == 24
+    gen = {r["context_id"]: r["text"] for r in data.read_jsonl(out / "generated.jsonl")}
+    rows = data.read_jsonl(out / "data.jsonl")
+    assert len(rows) == state["decontam"]["kept"] == 12
+    texts = set(gen.values())
+    assert all(any(r["question"] in t and r["answer"] in t for t in texts) for r in rows)
+
+
+def test_parse_args_refuses_inconsistent_answer_options():
+    for argv in (["--method", "pt", "--target", "full"], ["--answer-samples", "3"],
+                 ["--task", "boolq", "--answer-samples", "3", "--answer-temperature", "0.7"],
+                 ["--answer-attempts", "0.5"], ["--ft-steps", "0"]):
+        with pytest.raises(SystemExit):
+            pl.parse_args(argv)
+    cfg, _, _ = pl.parse_args(["--answer-format", "fewshot", "--answer-samples", "3", "--answer-temperature", "0.7"])
+    assert (cfg.answer_format, cfg.answer_samples) == ("fewshot", 3)
