@@ -157,6 +157,7 @@ class PipelineConfig:
     ft_epochs: float = 1.0
     ft_lr: float | None = None
     ft_steps: int | None = None         # fine-tuning steps (None: ft_epochs over the pairs); fixed across arms
+    ft_checkpoints: int | None = None   # checkpoints saved and evaluated (None: finetune.py's preset)
     eval_limit: int | None = 100        # held-out items per checkpoint evaluation (None: all)
     buckets: int = 32                   # MAUVE clusters (the paper's 32)
     batch_size: int = 16
@@ -595,6 +596,8 @@ def ft_cfg(run: Run):
         argv += ["--lr", str(cfg.ft_lr)]
     if cfg.ft_steps:
         argv += ["--steps", str(cfg.ft_steps)]
+    if cfg.ft_checkpoints:
+        argv += ["--n-checkpoints", str(cfg.ft_checkpoints)]
     return finetune.parse_args(argv)
 
 
@@ -808,6 +811,8 @@ def parse_args(argv=None) -> tuple[PipelineConfig, str | None, str | None]:
     a("--ft-epochs", type=float, help="fine-tuning passes over data.jsonl (default 1)")
     a("--ft-steps", type=int, help="fine-tuning steps, overriding --ft-epochs: the same for every arm of a "
       "comparison (default: from --ft-epochs)")
+    a("--ft-checkpoints", type=int, help="fine-tuning checkpoints, evenly spaced, each evaluated (default: "
+      "finetune.py's preset: tiny 2, cpu 3, paper 5)")
     a("--eval-limit", type=int, help="held-out items per evaluation (tiny 4, cpu 100, paper all)")
     a("--buckets", type=int, help="MAUVE k-means buckets (default 32, the paper's)")
     a("--batch-size", type=int, default=16, help="rows decoded together when generating (default 16)")
@@ -835,8 +840,9 @@ def parse_args(argv=None) -> tuple[PipelineConfig, str | None, str | None]:
         p.error("need --answer-samples >= 1 and --answer-attempts >= 1")
     if cfg.answer_samples > 1 and (cfg.task != "gsm8k" or cfg.answer_temperature <= 0):
         p.error("--answer-samples > 1 (self-consistency) needs --task gsm8k and --answer-temperature > 0")
-    if cfg.ft_steps is not None and cfg.ft_steps < 1:
-        p.error("--ft-steps must be at least 1")
+    for f in ("ft_steps", "ft_checkpoints"):
+        if getattr(cfg, f) is not None and getattr(cfg, f) < 1:
+            p.error(f"--{f.replace('_', '-')} must be at least 1")
     return cfg, args.out, args.stop_after
 
 

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Tables 1-2 analog at CPU scale (issue 26 §3, SPEC §11): students fine-tuned on arms that differ only
+# in their questions. Every arm: N pairs, the same k-shot answer prompt (--answer-format fewshot) and
+# gates, the same fine-tuning steps, lr and seeds; the control (--method train) first.
+#   LR=5e-5 STEPS=15 bash docs/experiments/paper_tables.sh        # LR, STEPS from control_sweep.sh
+#   ARMS="train mc pt" ... to run a subset; re-running resumes every run folder where it stopped.
+# Then: python docs/experiments/paper_tables.py --runs runs/tables > results/paper_tables.md
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+PY=${PY:-python}
+RUNS=${RUNS:-runs/tables}
+TASK=${TASK:-gsm8k}
+N=${N:-200}            # pairs per arm (the paper: 50K; cut first, before seeds and arms)
+G=${G:-500}            # questions generated per arm (the paper: 2x N)
+LR=${LR:?set LR from docs/experiments/control_sweep.sh}
+STEPS=${STEPS:?set STEPS from docs/experiments/control_sweep.sh}
+SEEDS=${SEEDS:-"0 1"}  # fine-tuning seeds (packing and batch order); seed 0 is the pipeline's own run
+LIMIT=${LIMIT:-100}    # held-out items for the k-shot and 0-shot chat metrics (the answer loss uses all)
+ARMS=${ARMS:-"train mc pt np mp pt_sr mc_full mc_asis pt_asis"}
+COMMON=(--task "$TASK" --n-keep "$N" --n-generate "$G" --dtype fp32 --ft-lr "$LR" --ft-steps "$STEPS"
+        --ft-checkpoints 1 --eval-limit "$LIMIT")
+mkdir -p "$RUNS"
+
+# The student before fine-tuning is the same model in every arm: evaluated once, with the settings
+# the pipeline's evaluation uses, and handed to each run folder as its step 0.
+BASE=$RUNS/$TASK-base.json
+[ -f "$BASE" ] || $PY eval.py task "$TASK" --limit "$LIMIT" --dtype fp32 --out "$BASE"
+
+arm() {   # arm NAME PIPELINE-OPTIONS...
+  local name=$1; shift
+  local out=$RUNS/$TASK-$name
+  mkdir -p "$out/eval"
+  [ -f "$out/eval/step-0.json" ] || cp "$BASE" "$out/eval/step-0.json"
+  echo "== $name: $PY pipeline.py ${COMMON[*]} $* --out $out"
+  $PY pipeline.py "${COMMON[@]}" "$@" --out "$out"
+  for s in $SEEDS; do
+    [ "$s" = 0 ] && continue
+    local ft=$out/finetune-s$s
+    $PY finetune.py --data "$out/data.jsonl" --out "$ft" --lr "$LR" --steps "$STEPS" --n-checkpoints 1 \
+        --seed "$s" --dtype fp32
+    [ -f "$ft/eval.json" ] || $PY eval.py task "$TASK" --model "$ft/step-$STEPS" --limit "$LIMIT" --dtype fp32 \
+        --out "$ft/eval.json"
+  done
+}
+
+share() {  # share FROM TO FILES...: an arm that differs from another only after a step reuses its files
+  local from=$RUNS/$TASK-$1 to=$RUNS/$TASK-$2; shift 2
+  mkdir -p "$to"
+  for f in "$@"; do
+    [ -e "$to/$f" ] || cp -r "$from/$f" "$to/$f"
+  done
+}
+
+for a in $ARMS; do
+  case $a in
+    train)   arm train --method train ;;
+    mc|np|mp) arm "$a" --method "$a" --answer-format fewshot ;;
+    pt|pt_sr) arm "$a" --method "$a" --answer-format fewshot ;;
+    mc_full) arm mc_full --method mc --target full ;;
+    mc_asis) share mc mc_asis softsrv generated.jsonl; arm mc_asis --method mc --answer-format as-is ;;
+    pt_asis) share pt pt_asis pt_completions.jsonl; arm pt_asis --method pt --answer-format as-is ;;
+    *) echo "unknown arm $a" >&2; exit 2 ;;
+  esac
+done
