@@ -2,7 +2,7 @@
 
     python eval.py task gsm8k --model smollm2-135m-instruct            # 5-shot pass@1 on the 330 held out
     python eval.py task boolq --model out/ft_mc --limit 1000           # a fine-tuned HF folder
-    python stats.py out/eval/gsm8k-a.json out/eval/gsm8k-b.json        # paired bootstrap of two runs
+    python stats.py -a out/eval/gsm8k-a.json -b out/eval/gsm8k-b.json  # paired bootstrap of two runs
     python eval.py mauve --gen out/ss_mc/samples.jsonl --ref gsm8k:test  # see mauve.py
 
 Every `task` run reports on the same held-out items:
@@ -572,7 +572,8 @@ def main(argv=None):
     t.add_argument("task", choices=list(TASKS), help="the benchmark")
     t.add_argument("--model", default=DEFAULT_MODEL, help="any name load_model takes: the offline default, "
                    f"a HF folder (e.g. a fine-tuned one), a .gguf, a hub id (default {DEFAULT_MODEL})")
-    t.add_argument("--limit", type=int, help="evaluate only the first N held-out items (default: all)")
+    t.add_argument("--limit", type=int, help="run the task metrics (k-shot and chat) on only the first N held-out "
+                   "items (default: all; the answer loss follows --loss-limit)")
     t.add_argument("--shots", type=int, help="few-shot examples from the train fold (default: gsm8k 5, "
                    "mbpp 3, boolq 0; triviaqa and humaneval are 0-shot only)")
     t.add_argument("--batch-size", type=int, default=8, help="prompts per forward/decode batch (default 8)")

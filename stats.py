@@ -11,9 +11,10 @@ with an interval over the items both arms were evaluated on:
 - `pooled_paired_bootstrap(a_seeds, b_seeds)`: the same with several fine-tuning seeds per arm.
 - `wilson(k, n)`: the Wilson score interval of one proportion (a single pass@1 figure).
 - `verdict(lo, hi)`: "A better" / "B better" / "tie": a difference the items cannot detect is a tie.
-- `compare_evals(path_a, path_b)`: the above for two `eval.py task` output files.
+- `compare_evals(path_a, path_b)`: the above for `eval.py task` output files (a file or one per seed).
 
-    python stats.py out/eval/gsm8k-a.json out/eval/gsm8k-b.json     # one line per figure
+    python stats.py -a out/eval/gsm8k-a.json -b out/eval/gsm8k-b.json         # one line per figure
+    python stats.py -a mc-s1.json mc-s2.json -b pt-s1.json pt-s2.json         # seeds pooled
 """
 from __future__ import annotations
 
@@ -124,45 +125,60 @@ def _read_eval(path) -> dict:
 
 
 def compare_evals(path_a, path_b, B: int = B_DEFAULT, seed: int = 0) -> dict:
-    """Paired comparisons of two `eval.py task` output files (arm A, arm B) on their common items:
-    the task metric and the chat-format metric (0/1 per item, higher is better) and the held-out
-    answer loss (per-item losses weighted by answer tokens, lower is better). Each entry is
-    paired_bootstrap's dict plus its "verdict"; a figure missing from either file is left out."""
-    ea, eb = _read_eval(path_a), _read_eval(path_b)
-    if ea["summary"].get("task") != eb["summary"].get("task"):
-        raise ValueError(f"{path_a} is {ea['summary'].get('task')}, {path_b} is {eb['summary'].get('task')}")
+    """Paired comparisons of two arms from their `eval.py task` output files: one file per arm, or a
+    list of files per arm (one per fine-tuning seed, pooled as in pooled_paired_bootstrap), all on
+    the same task. Compared on the items every file has: the task metric and the chat-format metric
+    (0/1 per item, higher is better) and the held-out answer loss (per-item losses weighted by
+    their answer tokens, lower is better). Each entry is pooled_paired_bootstrap's dict plus its
+    "verdict"; a figure missing from any file is left out."""
+    paths_a = [path_a] if isinstance(path_a, (str, Path)) else list(path_a)
+    paths_b = [path_b] if isinstance(path_b, (str, Path)) else list(path_b)
+    if not paths_a or not paths_b:
+        raise ValueError("compare_evals: need at least one file per arm")
+    ea, eb = [_read_eval(p) for p in paths_a], [_read_eval(p) for p in paths_b]
+    tasks = {e["summary"].get("task") for e in ea + eb}
+    if len(tasks) != 1:
+        raise ValueError(f"compare_evals: the files are of different tasks ({', '.join(map(str, sorted(tasks, key=str)))})")
+
+    def common(tables):            # per file: id -> row; the ids all files have, in the first's order
+        return [i for i in tables[0] if all(i in t for t in tables[1:])]
+
     out = {}
     for name, field in SCORE_FIELDS.items():
-        ra = {r["id"]: r[field] for r in ea["items"] if r.get(field) is not None}
-        rb = {r["id"]: r[field] for r in eb["items"] if r.get(field) is not None}
-        ids = [i for i in ra if i in rb]
+        tables = [{r["id"]: float(r[field]) for r in e["items"] if r.get(field) is not None} for e in ea + eb]
+        ids = common(tables)
         if ids:
-            res = paired_bootstrap([float(ra[i]) for i in ids], [float(rb[i]) for i in ids], B, seed)
+            va = [[t[i] for i in ids] for t in tables[:len(ea)]]
+            vb = [[t[i] for i in ids] for t in tables[len(ea):]]
+            res = pooled_paired_bootstrap(va, vb, B, seed)
             out[name] = {**res, "verdict": verdict(res["lo"], res["hi"])}
-    la = {r["id"]: r for r in ea.get("answer_losses") or []}
-    lb = {r["id"]: r for r in eb.get("answer_losses") or []}
-    ids = [i for i in la if i in lb]
+    tables = [{r["id"]: r for r in e.get("answer_losses") or []} for e in ea + eb]
+    ids = common(tables)
     if ids:
-        res = paired_bootstrap([la[i]["loss"] for i in ids], [lb[i]["loss"] for i in ids], B, seed,
-                               weights=[la[i]["tokens"] for i in ids])
+        va = [[t[i]["loss"] for i in ids] for t in tables[:len(ea)]]
+        vb = [[t[i]["loss"] for i in ids] for t in tables[len(ea):]]
+        res = pooled_paired_bootstrap(va, vb, B, seed, weights=[tables[0][i]["tokens"] for i in ids])
         out["answer_loss"] = {**res, "verdict": verdict(res["lo"], res["hi"], higher_is_better=False)}
     return out
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("a", help="arm A: an eval.py task output JSON")
-    p.add_argument("b", help="arm B: an eval.py task output JSON (same task)")
+    p.add_argument("-a", nargs="+", required=True, metavar="JSON",
+                   help="arm A: eval.py task output(s), one per fine-tuning seed")
+    p.add_argument("-b", nargs="+", required=True, metavar="JSON",
+                   help="arm B: eval.py task output(s) of the same task, one per fine-tuning seed")
     p.add_argument("--resamples", type=int, default=B_DEFAULT, help=f"bootstrap resamples (default {B_DEFAULT})")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     args = p.parse_args(argv)
     try:
         res = compare_evals(args.a, args.b, args.resamples, args.seed)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, KeyError) as e:
         raise SystemExit(f"error: {e}") from None
     for name, r in res.items():
         print(f"{name}: A {r['a']:.4f}  B {r['b']:.4f}  A-B {r['diff']:+.4f}  "
-              f"{r['level']:.0%} [{r['lo']:+.4f}, {r['hi']:+.4f}]  n={r['n']}  {r['verdict']}")
+              f"{r['level']:.0%} [{r['lo']:+.4f}, {r['hi']:+.4f}]  n={r['n']}  "
+              f"seeds {r['seeds_a']}/{r['seeds_b']}  {r['verdict']}")
     return res
 
 

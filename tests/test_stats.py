@@ -103,8 +103,14 @@ def test_compare_evals(tmp_path, capsys):
     assert res["score"]["diff"] == pytest.approx(0.5) and res["score"]["verdict"] == "A better"
     assert res["answer_loss"]["diff"] == pytest.approx(-0.5) and res["answer_loss"]["verdict"] == "A better"
     assert stats.compare_evals(a, a, B=100)["answer_loss"]["verdict"] == "tie"
-    stats.main([str(a), str(b), "--resamples", "200"])
+    stats.main(["-a", str(a), "-b", str(b), "--resamples", "200"])
     assert "answer_loss: A 1.0000  B 1.5000" in capsys.readouterr().out
+    # one file per fine-tuning seed: per-item values averaged over an arm's seeds, common items only
+    a2 = _eval_file(tmp_path / "a2.json", [0] * 30 + [1] * 30 + [1], [2.0] * (n + 1), tokens + [5])
+    res = stats.compare_evals([a, a2], [b], B=1000)
+    assert res["score"]["n"] == n and res["score"]["diff"] == pytest.approx(0.5)
+    assert res["score"]["per_seed"] == pytest.approx([0.5]) and res["score"]["seeds_a"] == 2   # seed pairs: 1
+    assert res["answer_loss"]["a"] == pytest.approx(1.5) and res["answer_loss"]["verdict"] == "tie"
     c = _eval_file(tmp_path / "c.json", [0], [1.0], [1], task="boolq")
     with pytest.raises(ValueError, match="boolq"):
         stats.compare_evals(a, c)
