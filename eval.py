@@ -2,24 +2,32 @@
 
     python eval.py task gsm8k --model smollm2-135m-instruct            # 5-shot pass@1 on the 330 held out
     python eval.py task boolq --model out/ft_mc --limit 1000           # a fine-tuned HF folder
+    python stats.py -a out/eval/gsm8k-a.json -b out/eval/gsm8k-b.json  # paired bootstrap of two runs
     python eval.py mauve --gen out/ss_mc/samples.jsonl --ref gsm8k:test  # see mauve.py
 
-Every `task` run reports two figures on the same held-out items:
+Every `task` run reports on the same held-out items:
 - the task metric: GSM8K pass@1 (5-shot, final number), MBPP pass@1 (3-shot, sandboxed tests), BoolQ
   accuracy (log-likelihood of " yes" vs " no"), TriviaQA exact match (0-shot, any alias), HumanEval pass@1;
+- the same metric 0-shot in the student's own chat format (SPEC §11; "chat_score"): the question as the
+  user turn (`qa_prompt_ids`), the assistant's greedy answer scored as above (GSM8K, MBPP), BoolQ from
+  the probabilities of True vs False as the answer's first token; for BoolQ also the majority label's
+  accuracy and the share of items each scoring calls true, so a shift of the label prior is visible;
 - the held-out answer loss: mean per-token cross-entropy of the reference answer given the question in
-  the one question->answer format (`qa_prompt_ids` / `qa_answer_ids`) that fine-tuning trains on. At
-  135M parameters pass@1 barely moves between data sets; this continuous figure does.
+  the one question->answer format (`qa_prompt_ids` / `qa_answer_ids`) that fine-tuning trains on, on
+  ALL held-out items unless --loss-limit says otherwise (per-item values kept for stats.py's paired
+  bootstrap). At 135M parameters pass@1 barely moves between data sets; this continuous figure does.
 Few-shot examples come from the train fold (offline: data.py's stand-in part), never from evaluated items.
 """
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import math
 import re
 import string
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -268,6 +276,174 @@ def run_triviaqa(model, tok, items, shots, batch_size):
 
 
 # ----------------------------------------------------------------------------------------------
+# The student's own format (SPEC §11, issue 26): 0-shot, the question as the user turn of the chat
+# template (qa_prompt_ids, the format fine-tuning trains on), the answer as the assistant writes it.
+# The k-shot figures above are the paper's; these say whether fine-tuning taught the student
+# something it shows in the format it was taught in. Each returns one dict of "chat_*" fields per item.
+
+GSM8K_CHAT_TOKENS, MBPP_CHAT_TOKENS = 256, 384      # the k-shot runs' budgets
+
+
+def end_ids(tok) -> set[int]:
+    """Tokens that end the assistant's turn: EOS (<|im_end|> for ChatML) and the other end markers
+    a model may write instead (<|endoftext|>, Gemma's <end_of_turn>/<eos>) when it has them."""
+    names = ("<|endoftext|>", "<|im_end|>", "<end_of_turn>", "<eos>", "</s>")
+    return {tok.eos_id} | {tok.special_tokens[n] for n in names if n in getattr(tok, "special_tokens", {})}
+
+
+def chat_answers(model, tok, items, max_new_tokens: int, batch_size: int) -> list[dict]:
+    """Greedy 0-shot answers to qa_prompt_ids(question): the text before the end of the turn.
+    "finished" is False when the token budget ran out first (an answer cut short). Without a chat
+    template (the plain "Question: ...\\nAnswer:" form) the answer also ends where a new "Question:"
+    starts."""
+    ends = end_ids(tok)
+    stops = [] if tok.chat_template else GSM8K_STOPS
+    text_stop = stop_on(tok, stops) if stops else None
+    stop = lambda ids: ids[-1] in ends or (text_stop is not None and text_stop(ids))
+    gen = generate_from_ids(model, [qa_prompt_ids(tok, e.text) for e in items], max_new_tokens, tok.eos_id,
+                            stop=stop, batch_size=batch_size, progress=True)
+    out = []
+    for g in gen:
+        ended = bool(g) and g[-1] in ends
+        text = cut_at(tok.decode(g[:-1] if ended else g), stops)
+        out.append({"chat_completion": text.strip(), "chat_generated_tokens": len(g),
+                    "chat_finished": ended or len(g) < max_new_tokens or (bool(stops) and text != tok.decode(g))})
+    return out
+
+
+def run_gsm8k_chat(model, tok, items, batch_size):
+    """GSM8K pass@1 in the chat format: gsm8k_extract of the answer (its "#### N" if it has one, else
+    its last number) against the reference."""
+    out = chat_answers(model, tok, items, GSM8K_CHAT_TOKENS, batch_size)
+    for e, r in zip(items, out):
+        pred = gsm8k_extract(r["chat_completion"])
+        r.update(chat_prediction=pred, chat_correct=_same_number(pred, gsm8k_reference(e.answer)))
+    return out
+
+
+_FENCE = re.compile(r"```[^\n`]*\n(.*?)(?:```|\Z)", re.S)
+_TOP_DEF = re.compile(r"(?:async\s+)?def\s+([A-Za-z_]\w*)\s*\(")
+_IMPORT = re.compile(r"(?:import|from)\s+[A-Za-z_]")
+
+
+def mbpp_code(answer: str) -> str:
+    """The code of a chat answer: the first ``` fenced block that defines a function (else the first
+    block, else the whole answer), dedented; of it, the imports and the top-level function
+    definitions (decorators and bodies), in order. Prose, example calls and the model's own asserts
+    or prints between and after them are dropped: they are not the solution and could fail it.
+    Keeping every top-level def, not only the first, keeps helper functions the solution calls."""
+    blocks = _FENCE.findall(answer)
+    text = next((b for b in blocks if re.search(r"^\s*(?:async\s+)?def ", b, re.M)), blocks[0] if blocks else answer)
+    lines = textwrap.dedent(text.replace("\r\n", "\n")).split("\n")
+    kept, i = [], 0
+    while i < len(lines):
+        line = lines[i]
+        if _IMPORT.match(line):
+            kept.append(line)
+        elif line.startswith("@") or _TOP_DEF.match(line):
+            j = i + 1
+            while j < len(lines) and lines[j - 1].startswith("@"):   # decorators, then their def
+                j += 1
+            while j < len(lines) and (not lines[j].strip() or lines[j][0] in " \t"):
+                j += 1
+            kept.extend(lines[i:j])
+            i = j
+            continue
+        i += 1
+    return "\n".join(kept).strip() + "\n" if kept else text.strip()
+
+
+def mbpp_entry_point(tests: list[str]) -> str | None:
+    """The function the asserts call: the first called name that is not a builtin, e.g.
+    "similar_elements" in `assert set(similar_elements((3, 4), (5, 4))) == set((4,))`."""
+    import builtins
+    for t in tests:
+        try:
+            tree = ast.parse(t)
+        except SyntaxError:
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and not hasattr(builtins, node.func.id):
+                return node.func.id
+    return None
+
+
+def mbpp_bind_entry_point(code: str, entry: str | None) -> str:
+    """`code` plus `entry = <its first function>` when it does not define `entry` itself.
+
+    In the chat format the user turn is the task's text alone, as in fine-tuning, so the student
+    cannot know the name the tests call (the k-shot prompt shows the asserts; this one does not):
+    its first function is bound to that name, and the tests then judge what it computes."""
+    names = [m.group(1) for m in (_TOP_DEF.match(l) for l in code.split("\n")) if m]
+    if entry is None or not names or entry in names:
+        return code
+    return code + f"\n{entry} = {names[0]}\n"
+
+
+def run_mbpp_chat(model, tok, items, batch_size):
+    """MBPP pass@1 in the chat format: mbpp_code of the answer, bound to the tests' function name,
+    run against the asserts in the sandbox as run_mbpp does."""
+    sandbox = _sandbox()
+    out = chat_answers(model, tok, items, MBPP_CHAT_TOKENS, batch_size)
+    codes = [mbpp_bind_entry_point(mbpp_code(r["chat_completion"]), mbpp_entry_point(e.meta["test_list"]))
+             for e, r in zip(items, out)]
+    results = sandbox.run_tests_many([(c, e.meta["test_list"]) for c, e in zip(codes, items)], timeout_s=10.0,
+                                     progress=True, setup=[e.meta.get("test_setup_code", "") for e in items])
+    for r, c, (ok, detail) in zip(out, codes, results):
+        r.update(chat_code=c, chat_correct=bool(ok), chat_detail=detail[-500:])
+    return out
+
+
+# BoolQ in the chat format: the user turn is the example's text ("PASSAGE: ...\nQUESTION: ...", what
+# fine-tuning trains on); the answer is the assistant's first token. In the chat template that
+# token follows "assistant\n", so the words carry no leading space (qa_answer_ids' rendering; the
+# plain form's is " True"). A label's probability pools its capitalised and lower-case spelling:
+# the control arm trains on the reference "true"/"false", answer prompts may teach "True"/"False".
+BOOLQ_CHAT_WORDS = {"false": ("False", "false"), "true": ("True", "true")}
+
+
+def boolq_chat_tokens(tok) -> dict[str, list[int]]:
+    """label -> the distinct first tokens of its spellings, as qa_answer_ids renders them."""
+    out = {k: sorted({qa_answer_ids(tok, w)[0] for w in words}) for k, words in BOOLQ_CHAT_WORDS.items()}
+    if set(out["true"]) & set(out["false"]):
+        raise ValueError(f"{tok!r}: True and False share a first token; BoolQ's chat scoring needs them apart")
+    return out
+
+
+def run_boolq_chat(model, tok, items, batch_size):
+    """BoolQ accuracy from chat-format probabilities: log Σ p(first token) over each label's spellings
+    after qa_prompt_ids(text); the larger one is the prediction."""
+    words = boolq_chat_tokens(tok)
+    labels, flat = list(words), [t for k in words for t in words[k]]
+    lp = choice_logprobs(model, [qa_prompt_ids(tok, e.text) for e in items], [[t] for t in flat], batch_size,
+                         progress=True, desc="boolq chat")
+    cols, s = [], 0
+    for k in labels:
+        cols.append(lp[:, s:s + len(words[k])].logsumexp(-1))
+        s += len(words[k])
+    lab = torch.stack(cols, -1)
+    return [{"chat_prediction": labels[int(row.argmax())], "chat_logprobs": dict(zip(labels, row.tolist())),
+             "chat_correct": labels[int(row.argmax())] == e.answer} for e, row in zip(items, lab)]
+
+
+def boolq_priors(items, records) -> dict:
+    """What the label prior alone explains (SPEC §11): the majority label of the evaluated items and
+    its accuracy (always answering it), and the share of items each scoring predicts "true"."""
+    n = len(items)
+    n_true = sum(e.answer == "true" for e in items)
+    major = "true" if n_true * 2 >= n else "false"
+    out = {"majority_label": major, "majority_accuracy": max(n_true, n - n_true) / n,
+           "reference_true_share": n_true / n,
+           "true_share": sum(r["prediction"] == "true" for r in records) / n}
+    if all("chat_prediction" in r for r in records):
+        out["chat_true_share"] = sum(r["chat_prediction"] == "true" for r in records) / n
+    return out
+
+
+CHAT_RUNNERS = {"gsm8k": run_gsm8k_chat, "mbpp": run_mbpp_chat, "boolq": run_boolq_chat}
+
+
+# ----------------------------------------------------------------------------------------------
 # The tasks: held-out split, where the shots come from, metric
 
 TASKS = {  # task: (evaluated split, shots split, default shots, metric name, runner)
@@ -295,16 +471,23 @@ def _stage(task: str, what: str, t0: float):
 
 def evaluate_task(task: str, model: str, limit: int | None = None, shots: int | None = None,
                   batch_size: int = 8, out: str | None = None, dtype: str = "auto",
-                  loss_only: bool = False) -> dict:
+                  loss_only: bool = False, loss_limit: int | None = None, chat: bool = True) -> dict:
     """Task metric and held-out answer loss of `model` on `task`; writes per-item records and the
     summary as JSON to `out` (default out/eval/<task>-<model>.json) and returns the summary.
-    loss_only skips the task metric (score None): the answer loss alone is cheap, generation is not."""
+
+    The task metric ("score", the paper's k-shot one) runs on the first `limit` held-out items, and
+    with `chat` (gsm8k, mbpp, boolq) so does its 0-shot chat-format twin ("chat_score", CHAT_RUNNERS).
+    The answer loss runs on the first `loss_limit` held-out items (default: all of them, whatever
+    `limit` is: it is cheap and it is the figure that moves at this scale); its per-item values go to
+    the output's "answer_losses" list (id, loss, tokens) for stats.compare_evals' paired bootstrap.
+    loss_only skips both metrics (score None): the answer loss alone is cheap, generation is not."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r} (available: {', '.join(TASKS)})")
     split, shot_split, default_shots, metric, run = TASKS[task]
     shots = default_shots if shots is None else shots
-    if shots < 0 or (limit is not None and limit < 1) or batch_size < 1:
-        raise ValueError("need --shots >= 0, --limit >= 1, --batch-size >= 1")
+    if shots < 0 or (limit is not None and limit < 1) or (loss_limit is not None and loss_limit < 1) \
+            or batch_size < 1:
+        raise ValueError("need --shots >= 0, --limit >= 1, --loss-limit >= 1, --batch-size >= 1")
     if shots and shot_split is None:
         raise ValueError(f"--shots {shots}: {task} has no train fold offline to draw shots from; it is 0-shot")
     if dtype not in DTYPES:
@@ -312,15 +495,19 @@ def evaluate_task(task: str, model: str, limit: int | None = None, shots: int | 
     out_path = Path(out) if out else default_out(task, model)
 
     t0 = time.time()
-    items = data.load_examples(task, split, limit=limit)
+    heldout = data.load_examples(task, split)
+    items, loss_items = heldout[:limit], heldout[:loss_limit]
     demos = data.load_examples(task, shot_split, limit=shots) if shots else []
-    _stage(task, f"{len(items)} held-out items ({task}/{split}), {len(demos)} shots", t0)
+    _stage(task, f"{len(items)} held-out items ({task}/{split}), {len(demos)} shots; "
+                 f"answer loss on {len(loss_items)}", t0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     lm = load_model(model, dtype=dtype_of(dtype, device), device=device)
     tok = load_tokenizer(model)
     _stage(task, f"loaded {model} ({lm.dtype}, {device})", t0)
 
     t1 = time.time()
+    chat_run = CHAT_RUNNERS.get(task) if chat and not loss_only else None
+    extra = {}
     if loss_only:
         records, n_correct, score = [{"id": e.id, "question": e.text} for e in items], None, None
     else:
@@ -328,20 +515,40 @@ def evaluate_task(task: str, model: str, limit: int | None = None, shots: int | 
         n_correct = sum(r["correct"] for r in records)
         score = n_correct / len(records)
         _stage(task, f"{metric} {score:.4f} ({n_correct}/{len(records)}) in {time.time() - t1:.1f}s", t0)
+    if chat_run is not None:
+        t1 = time.time()
+        for r, c in zip(records, chat_run(lm, tok, items, batch_size)):
+            r.update(c)
+        k = sum(r["chat_correct"] for r in records)
+        extra.update(chat_score=k / len(records), chat_correct=k)
+        if "chat_finished" in records[0]:
+            extra["chat_finished"] = sum(r["chat_finished"] for r in records)
+        _stage(task, f"0-shot chat {metric} {k / len(records):.4f} ({k}/{len(records)}) in "
+                     f"{time.time() - t1:.1f}s", t0)
+    if task == "boolq" and not loss_only:
+        extra.update(boolq_priors(items, records))
+        _stage(task, f"majority label {extra['majority_label']!r}: accuracy {extra['majority_accuracy']:.4f}; "
+                     f"predicted true: {extra['true_share']:.3f} plain" +
+                     (f", {extra['chat_true_share']:.3f} chat" if "chat_true_share" in extra else ""), t0)
 
     t1 = time.time()
-    al = answer_loss(lm, tok, [(e.text, reference_answer(task, e)) for e in items], batch_size)
-    for r, a in zip(records, al["per_item"]):
-        r["answer_loss"], r["answer_tokens"] = a["loss"], a["tokens"]
-    _stage(task, f"answer loss {al['loss']:.4f} over {al['tokens']} tokens in {time.time() - t1:.1f}s", t0)
+    al = answer_loss(lm, tok, [(e.text, reference_answer(task, e)) for e in loss_items], batch_size)
+    losses = [{"id": e.id, "loss": a["loss"], "tokens": a["tokens"], "truncated": a["truncated"]}
+              for e, a in zip(loss_items, al["per_item"])]
+    by_id = {a["id"]: a for a in losses}
+    for r in records:
+        if r["id"] in by_id:
+            r["answer_loss"], r["answer_tokens"] = by_id[r["id"]]["loss"], by_id[r["id"]]["tokens"]
+    _stage(task, f"answer loss {al['loss']:.4f} over {al['tokens']} tokens of {len(loss_items)} items "
+                 f"in {time.time() - t1:.1f}s", t0)
 
     summary = {"task": task, "model": str(model), "metric": metric, "score": score, "n": len(records),
-               "correct": n_correct, "answer_loss": al["loss"], "answer_tokens": al["tokens"],
-               "split": split, "shots": shots, "dtype": str(lm.dtype).removeprefix("torch."),
-               "seconds": round(time.time() - t0, 1)}
+               "correct": n_correct, **extra, "answer_loss": al["loss"], "answer_tokens": al["tokens"],
+               "answer_n": len(loss_items), "split": split, "shots": shots,
+               "dtype": str(lm.dtype).removeprefix("torch."), "seconds": round(time.time() - t0, 1)}
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(out_path, lambda p: p.write_text(json.dumps({"summary": summary, "items": records},
-                                                              indent=1, ensure_ascii=False)))
+    atomic_write(out_path, lambda p: p.write_text(json.dumps(
+        {"summary": summary, "items": records, "answer_losses": losses}, indent=1, ensure_ascii=False)))
     _stage(task, f"wrote {out_path}", t0)
     return summary
 
@@ -365,7 +572,8 @@ def main(argv=None):
     t.add_argument("task", choices=list(TASKS), help="the benchmark")
     t.add_argument("--model", default=DEFAULT_MODEL, help="any name load_model takes: the offline default, "
                    f"a HF folder (e.g. a fine-tuned one), a .gguf, a hub id (default {DEFAULT_MODEL})")
-    t.add_argument("--limit", type=int, help="evaluate only the first N held-out items (default: all)")
+    t.add_argument("--limit", type=int, help="run the task metrics (k-shot and chat) on only the first N held-out "
+                   "items (default: all; the answer loss follows --loss-limit)")
     t.add_argument("--shots", type=int, help="few-shot examples from the train fold (default: gsm8k 5, "
                    "mbpp 3, boolq 0; triviaqa and humaneval are 0-shot only)")
     t.add_argument("--batch-size", type=int, default=8, help="prompts per forward/decode batch (default 8)")
@@ -374,10 +582,14 @@ def main(argv=None):
     t.add_argument("--out", help="output JSON (default out/eval/<task>-<model>.json)")
     t.add_argument("--loss-only", action="store_true", help="only the held-out answer loss, no task metric "
                    "(score null; default: both)")
+    t.add_argument("--loss-limit", type=int, help="held-out items the answer loss runs on, independent of "
+                   "--limit (default: all; per-item losses go to the output's answer_losses for stats.py)")
+    t.add_argument("--no-chat", dest="chat", action="store_false", help="skip the 0-shot chat-format metric "
+                   "(gsm8k, mbpp pass@1; boolq accuracy from True/False probabilities; default: run it)")
     args = p.parse_args(argv)
     try:
         summary = evaluate_task(args.task, args.model, args.limit, args.shots, args.batch_size, args.out,
-                                args.dtype, args.loss_only)
+                                args.dtype, args.loss_only, args.loss_limit, args.chat)
     except ValueError as e:
         sys.exit(f"error: {e}")
     print(json.dumps(summary))

@@ -160,7 +160,7 @@ def test_stop_on_strings(tiny):
 def test_gsm8k_end_to_end(tiny_backbone, tmp_path, capsys):
     out = tmp_path / "gsm8k.json"
     summary = ev.main(["task", "gsm8k", "--model", str(tiny_backbone), "--limit", "4", "--shots", "2",
-                       "--out", str(out), "--dtype", "fp32"])
+                       "--loss-limit", "4", "--out", str(out), "--dtype", "fp32"])
     written = json.loads(out.read_text())
     assert written["summary"] == summary
     assert summary["task"] == "gsm8k" and summary["n"] == 4 and summary["shots"] == 2
@@ -171,6 +171,9 @@ def test_gsm8k_end_to_end(tiny_backbone, tmp_path, capsys):
     for r, e in zip(written["items"], heldout):
         assert r["reference"] == float(e.meta["short_answer"].replace(",", ""))
         assert "Question:" not in r["completion"] and r["answer_tokens"] > 0
+        assert isinstance(r["chat_correct"], bool) and isinstance(r["chat_completion"], str)
+    assert summary["chat_score"] == sum(r["chat_correct"] for r in written["items"]) / 4
+    assert summary["answer_n"] == 4 and [a["id"] for a in written["answer_losses"]] == [e.id for e in heldout]
     assert "eval gsm8k: answer loss" in capsys.readouterr().out
 
 
@@ -181,12 +184,13 @@ def test_loss_only_and_triviaqa(tiny_backbone, tmp_path):
     assert items[0].answer == "Sunset Boulevard" and "Sunset Blvd" in items[0].meta["aliases"]
     out = tmp_path / "t.json"
     summary = ev.main(["task", "triviaqa", "--model", str(tiny_backbone), "--limit", "3", "--loss-only",
-                       "--out", str(out), "--dtype", "fp32"])
+                       "--loss-limit", "3", "--out", str(out), "--dtype", "fp32"])
     assert summary["score"] is None and summary["n"] == 3 and summary["answer_loss"] > 5
     summary = ev.main(["task", "triviaqa", "--model", str(tiny_backbone), "--limit", "3",
-                       "--out", str(out), "--dtype", "fp32"])
+                       "--loss-limit", "3", "--out", str(out), "--dtype", "fp32"])
     recs = json.loads(out.read_text())["items"]
     assert summary["score"] == 0.0 and all("\n" not in r["prediction"] for r in recs)
+    assert "chat_score" not in summary                 # no chat variant: the student is not tuned on it
 
 
 @pytest.mark.skipif(not has_package("sandbox"), reason="sandbox.py (task A) not merged yet")
@@ -194,8 +198,9 @@ def test_mbpp_end_to_end(tiny_backbone, tmp_path, monkeypatch):
     """A random model's code fails its tests; the reference code, put in as the completion, passes."""
     out = tmp_path / "mbpp.json"
     summary = ev.main(["task", "mbpp", "--model", str(tiny_backbone), "--limit", "2", "--shots", "1",
-                       "--out", str(out), "--dtype", "fp32"])
+                       "--loss-limit", "2", "--out", str(out), "--dtype", "fp32"])
     assert summary["n"] == 2 and summary["score"] == 0.0 and summary["answer_loss"] > 0
+    assert summary["chat_score"] == 0.0
     items = data.load_examples("mbpp", "test", limit=2)
     gold = {e.text: e.answer for e in items}
     monkeypatch.setattr(ev, "generate_from_ids", lambda model, prompts, *a, **k: [
@@ -203,8 +208,11 @@ def test_mbpp_end_to_end(tiny_backbone, tmp_path, monkeypatch):
         for p in prompts])
     model_tok = load_tokenizer(tiny_backbone)
     summary = ev.main(["task", "mbpp", "--model", str(tiny_backbone), "--limit", "2", "--shots", "0",
-                       "--out", str(out), "--dtype", "fp32"])
+                       "--loss-limit", "2", "--out", str(out), "--dtype", "fp32"])
     assert summary["score"] == 1.0
+    # the chat prompt holds the task's text too, so the chat answer is the same gold code followed by
+    # "[DONE]": mbpp_code keeps its function and drops the rest, and the tests pass
+    assert summary["chat_score"] == 1.0
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -228,3 +236,135 @@ def test_mauve_subcommand_delegates(monkeypatch):
     monkeypatch.setitem(sys.modules, "mauve", types.SimpleNamespace(cli=lambda argv: seen.append(argv) or 0.5))
     assert ev.main(["mauve", "--gen", "a.jsonl", "--ref", "gsm8k:test", "--buckets", "32"]) == 0.5
     assert seen == [["--gen", "a.jsonl", "--ref", "gsm8k:test", "--buckets", "32"]]
+
+
+# --- the student's own chat format, BoolQ's prior, the answer loss on all items (issue 26) ---------
+
+def test_gsm8k_chat_score_counts_the_chat_answer(tiny_backbone, tmp_path, monkeypatch):
+    """0-shot chat pass@1: the prompt is the question as a user turn, the answer what the assistant
+    writes before its end of turn; the k-shot score is computed apart from it."""
+    tok = load_tokenizer(tiny_backbone)
+    items = data.load_examples("gsm8k", "test", limit=4)
+    refs = {e.text: e.meta["short_answer"] for e in items}
+    chat_prompts = {tuple(qa_prompt_ids(tok, e.text)): e for e in items}
+    seen = []
+
+    def fake_generate(model, prompts, max_new_tokens, eos_id, **kw):
+        out = []
+        for p in prompts:
+            if tuple(p) not in chat_prompts:              # the k-shot prompt: a wrong final number
+                out.append(tok.encode(" 3 + 4 = 7\n#### 123456789"))
+                continue
+            e = chat_prompts[tuple(p)]
+            seen.append((e.id, max_new_tokens, eos_id))
+            i = items.index(e)
+            if i == 0:      # right, ended by the other end marker (kept by the stop rule, then cut)
+                out.append(tok.encode(f"She pays 2 * 3 = 6.\n#### {refs[e.text]}") + [tok.special_tokens["<|endoftext|>"]])
+            elif i == 1:    # right, no "####": the last number counts
+                out.append(tok.encode(f"So the answer is {refs[e.text]}."))
+            elif i == 2:    # wrong
+                out.append(tok.encode("#### 123456789"))
+            else:           # cut at the token budget: never finished, no number
+                out.append((tok.encode(" and then") * max_new_tokens)[:max_new_tokens])
+        return out
+
+    monkeypatch.setattr(ev, "generate_from_ids", fake_generate)
+    out = tmp_path / "g.json"
+    summary = ev.main(["task", "gsm8k", "--model", str(tiny_backbone), "--limit", "4", "--shots", "1",
+                       "--loss-limit", "4", "--out", str(out), "--dtype", "fp32"])
+    recs = json.loads(out.read_text())["items"]
+    assert sorted(seen) == sorted((e.id, ev.GSM8K_CHAT_TOKENS, tok.eos_id) for e in items)
+    assert [r["chat_correct"] for r in recs] == [True, True, False, False]
+    assert [r["chat_finished"] for r in recs] == [True, True, True, False]
+    assert recs[0]["chat_completion"] == f"She pays 2 * 3 = 6.\n#### {refs[items[0].text]}"   # no end marker
+    assert summary["score"] == 0.0 and summary["correct"] == 0              # the k-shot metric, unchanged
+    assert summary["chat_score"] == 0.5 and summary["chat_correct"] == 2 and summary["chat_finished"] == 3
+    summary = ev.main(["task", "gsm8k", "--model", str(tiny_backbone), "--limit", "4", "--shots", "1",
+                       "--loss-limit", "4", "--out", str(out), "--dtype", "fp32", "--no-chat"])
+    assert "chat_score" not in summary and "chat_correct" not in json.loads(out.read_text())["items"][0]
+
+
+def test_mbpp_code_from_a_chat_answer():
+    answer = ("Here is a function that does it:\n\n```python\nimport math\n\ndef helper(x):\n    return x * 2\n\n"
+              "def double_all(xs):\n    # uses the helper\n    return [helper(x) for x in xs]\n\n"
+              "print(double_all([1, 2]))\nassert double_all([1]) == [3]\n```\n\nThis doubles each element.")
+    code = ev.mbpp_code(answer)
+    assert code == ("import math\ndef helper(x):\n    return x * 2\n\ndef double_all(xs):\n"
+                    "    # uses the helper\n    return [helper(x) for x in xs]\n")
+    # no fences, a decorator, a block cut at the token budget
+    assert ev.mbpp_code("Sure!\n@cache\ndef f(n):\n    return n\nf(3)") == "@cache\ndef f(n):\n    return n\n"
+    assert ev.mbpp_code("```python\n    def g():\n        return 1") == "def g():\n    return 1\n"
+    assert ev.mbpp_code("I cannot write code.") == "I cannot write code."
+    tests = ["assert set(similar_elements((3, 4), (5, 4))) == set((4,))"]
+    assert ev.mbpp_entry_point(tests) == "similar_elements"
+    assert ev.mbpp_bind_entry_point("def common(a, b):\n    return 1\n", "similar_elements").endswith(
+        "\nsimilar_elements = common\n")
+    assert ev.mbpp_bind_entry_point("def similar_elements(a, b):\n    return 1\n", "similar_elements") == \
+        "def similar_elements(a, b):\n    return 1\n"
+
+
+def test_boolq_chat_follows_the_larger_probability(tiny):
+    """BoolQ in the chat format: the text as the user turn, each label's log-probability the
+    log-sum of its spellings' first tokens as the assistant's first token; the larger one wins."""
+    model, tok = tiny
+    words = ev.boolq_chat_tokens(tok)
+    assert words == {"true": sorted({tok.encode("True")[0], tok.encode("true")[0]}),
+                     "false": sorted({tok.encode("False")[0], tok.encode("false")[0]})}
+    items = data.load_examples("boolq", "dev", limit=4)
+    records = ev.run_boolq_chat(model, tok, items, batch_size=3)
+    for e, r in zip(items, records):
+        p = qa_prompt_ids(tok, e.text)
+        assert tok.decode(p).endswith("assistant\n") and e.meta["passage"] in tok.decode(p)
+        lp = model(model.embed(torch.tensor([p])))[0, -1].float().log_softmax(-1)
+        want = {k: torch.logsumexp(lp[ids], 0).item() for k, ids in words.items()}
+        assert r["chat_logprobs"] == pytest.approx(want, abs=1e-4)
+        assert r["chat_prediction"] == max(want, key=want.get)
+        assert r["chat_correct"] == (r["chat_prediction"] == e.answer)
+
+
+def test_boolq_majority_label_and_true_shares(tiny_backbone, tmp_path):
+    mk = lambda i, a: data.Example(f"q{i}", f"boolq/dev/{i}", a)
+    items = [mk(0, "true"), mk(1, "false"), mk(2, "false"), mk(3, "false")]
+    recs = [{"prediction": "false", "chat_prediction": "true"}] * 3 + [{"prediction": "true", "chat_prediction": "true"}]
+    got = ev.boolq_priors(items, recs)
+    assert got == {"majority_label": "false", "majority_accuracy": 0.75, "reference_true_share": 0.25,
+                   "true_share": 0.25, "chat_true_share": 1.0}
+    out = tmp_path / "b.json"
+    summary = ev.main(["task", "boolq", "--model", str(tiny_backbone), "--limit", "6", "--loss-limit", "6",
+                       "--out", str(out), "--dtype", "fp32"])
+    recs = json.loads(out.read_text())["items"]
+    heldout = data.load_examples("boolq", "dev", limit=6)
+    n_true = sum(e.answer == "true" for e in heldout)
+    assert summary["majority_accuracy"] == max(n_true, 6 - n_true) / 6
+    assert summary["majority_label"] == ("true" if n_true >= 3 else "false")
+    assert summary["true_share"] == sum(r["prediction"] == "true" for r in recs) / 6
+    assert summary["chat_true_share"] == sum(r["chat_prediction"] == "true" for r in recs) / 6
+    assert summary["chat_score"] == sum(r["chat_correct"] for r in recs) / 6
+
+
+def test_answer_loss_on_all_items_when_limit_is_smaller(tiny_backbone, tmp_path):
+    """The metric's --limit does not cut the answer loss: by default it covers every held-out item,
+    each one's loss and token count kept for a paired bootstrap (stats.compare_evals)."""
+    import stats
+    heldout = data.load_examples("mbpp", "test")
+    out = tmp_path / "m.json"
+    summary = ev.main(["task", "mbpp", "--model", str(tiny_backbone), "--limit", "2", "--loss-only",
+                       "--out", str(out), "--dtype", "fp32"])
+    written = json.loads(out.read_text())
+    losses = written["answer_losses"]
+    assert summary["n"] == 2 and summary["answer_n"] == len(heldout) == len(losses) == 125
+    assert [a["id"] for a in losses] == [e.id for e in heldout]
+    assert summary["answer_tokens"] == sum(a["tokens"] for a in losses)
+    assert summary["answer_loss"] == pytest.approx(sum(a["loss"] * a["tokens"] for a in losses)
+                                                   / summary["answer_tokens"], rel=1e-6)
+    for r, a in zip(written["items"], losses):        # the metric's items carry their own loss too
+        assert r["id"] == a["id"] and r["answer_loss"] == a["loss"]
+    out3 = tmp_path / "m3.json"
+    summary3 = ev.main(["task", "mbpp", "--model", str(tiny_backbone), "--limit", "2", "--loss-only",
+                        "--loss-limit", "3", "--out", str(out3), "--dtype", "fp32"])
+    assert summary3["answer_n"] == 3
+    assert [a["loss"] for a in json.loads(out3.read_text())["answer_losses"]] == \
+        pytest.approx([a["loss"] for a in losses[:3]], rel=1e-4)
+    same = stats.compare_evals(out, out, B=200)
+    assert set(same) == {"answer_loss"} and same["answer_loss"]["diff"] == 0
+    assert same["answer_loss"]["verdict"] == "tie"
