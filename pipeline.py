@@ -112,11 +112,11 @@ TEMPLATES = {
 # - 5-shot GSM8K on 100 of the 330 held-out items per checkpoint; answer loss on the same 100.
 PRESETS = {
     "tiny": dict(train_steps=4, prompt_len=4, n_heldout=8, n_generate=24, n_keep=12, n_clusters=4, svd_dims=8,
-                 question_tokens=16, answer_tokens=128, ft_preset="tiny", ft_epochs=1.0, eval_limit=4,
+                 question_tokens=16, answer_tokens=128, ft_preset="tiny", ft_epochs=1.0, eval_limit=4, eval_loss_limit=4,
                  top_p=0.9, pt_temperature=1.0, pt_top_p=0.9, sr_rounds=1, buckets=2),
     "cpu": dict(train_steps=None, prompt_len=None, n_heldout=100, n_generate=1000, n_keep=500, n_clusters=50,
                 svd_dims=100, question_tokens=None, answer_tokens=256, ft_preset="cpu", ft_epochs=1.0,
-                eval_limit=100, top_p=0.9, pt_temperature=1.0, pt_top_p=0.9, sr_rounds=1, buckets=32),
+                eval_limit=100, eval_loss_limit=None, top_p=0.9, pt_temperature=1.0, pt_top_p=0.9, sr_rounds=1, buckets=32),
     "paper": dict(train_steps=None, prompt_len=None, n_heldout=100, n_generate=100_000, n_keep=None,
                   n_clusters=700, svd_dims=100, question_tokens=None, answer_tokens=512, ft_preset="paper",
                   ft_epochs=1.0, eval_limit=None, top_p=1.0, pt_temperature=2.0, pt_top_p=1.0, sr_rounds=3,
@@ -158,7 +158,8 @@ class PipelineConfig:
     ft_lr: float | None = None
     ft_steps: int | None = None         # fine-tuning steps (None: ft_epochs over the pairs); fixed across arms
     ft_checkpoints: int | None = None   # checkpoints saved and evaluated (None: finetune.py's preset)
-    eval_limit: int | None = 100        # held-out items per checkpoint evaluation (None: all)
+    eval_limit: int | None = 100        # held-out items of the k-shot and chat metrics per checkpoint (None: all)
+    eval_loss_limit: int | None = None  # held-out items of the answer loss (None: all; cheap, and it moves)
     buckets: int = 32                   # MAUVE clusters (the paper's 32)
     batch_size: int = 16
     seed: int = 0
@@ -622,9 +623,12 @@ def step_evaluate(run: Run):
         if path.exists():
             summary = json.loads(path.read_text())["summary"]
         else:
-            summary = ev.evaluate_task(cfg.task, model, limit=cfg.eval_limit, out=str(path), dtype=cfg.dtype)
-        curve.append({"step": step, "score": summary["score"], "answer_loss": summary["answer_loss"],
-                      "metric": summary["metric"], "n": summary["n"]})
+            summary = ev.evaluate_task(cfg.task, model, limit=cfg.eval_limit, out=str(path), dtype=cfg.dtype,
+                                       loss_limit=cfg.eval_loss_limit)
+        curve.append({"step": step, "score": summary["score"], "chat_score": summary.get("chat_score"),
+                      "answer_loss": summary["answer_loss"], "metric": summary["metric"], "n": summary["n"],
+                      "answer_n": summary.get("answer_n", summary["n"]),
+                      **{k: summary[k] for k in ("majority_accuracy", "true_share", "chat_true_share") if k in summary}})
     mauve = step_mauve(run)
     run.finish("evaluate", {"curve": curve, "mauve": mauve}, t0)
 
@@ -698,10 +702,19 @@ def write_report(run: Run):
                   f"({m['test']['n_gen']} vs {m['test']['n_ref']}, {cfg.buckets} buckets)",
                   f"- against the train fold: **{m['train']['mauve']:.3f}** ({m['train']['n_ref']} questions)", ""]
     if curve:
+        m = curve[0]["metric"]
         lines += ["## Fine-tuning curve", "", f"Student {cfg.student}; step 0 is the student before fine-tuning; "
-                  f"{curve[0]['n']} held-out items.", "",
-                  f"| step | {curve[0]['metric']} | held-out answer loss |", "|---|---|---|"]
-        lines += [f"| {c['step']} | {c['score']:.4f} | {c['answer_loss']:.4f} |" for c in curve]
+                  f"k-shot and 0-shot chat {m} on {curve[0]['n']} held-out items, the answer loss on "
+                  f"{curve[0].get('answer_n', curve[0]['n'])}.", "",
+                  f"| step | k-shot {m} | 0-shot chat {m} | held-out answer loss |", "|---|---|---|---|"]
+        lines += [f"| {c['step']} | {c['score']:.4f} | "
+                  f"{'–' if c.get('chat_score') is None else format(c['chat_score'], '.4f')} | {c['answer_loss']:.4f} |"
+                  for c in curve]
+        if "majority_accuracy" in curve[0]:
+            lines += ["", f"BoolQ: always answering the majority label scores {curve[0]['majority_accuracy']:.4f}; "
+                      "share predicted true per step (plain / chat): "
+                      + ", ".join(f"{c['step']}: {c.get('true_share', 0):.3f} / {c.get('chat_true_share', 0):.3f}"
+                                  for c in curve)]
         lines += ["", f"![curve]({plot.name})" if plot else "(plot skipped: `pip install matplotlib`)", ""]
     lines += ["## Wall time per step", "", "| step | seconds |", "|---|---|"]
     lines += [f"| {k} | {v.get('seconds')} |" for k, v in st.items()]
@@ -814,6 +827,7 @@ def parse_args(argv=None) -> tuple[PipelineConfig, str | None, str | None]:
     a("--ft-checkpoints", type=int, help="fine-tuning checkpoints, evenly spaced, each evaluated (default: "
       "finetune.py's preset: tiny 2, cpu 3, paper 5)")
     a("--eval-limit", type=int, help="held-out items per evaluation (tiny 4, cpu 100, paper all)")
+    a("--eval-loss-limit", type=int, help="held-out items of the answer loss (tiny 4, cpu and paper all)")
     a("--buckets", type=int, help="MAUVE k-means buckets (default 32, the paper's)")
     a("--batch-size", type=int, default=16, help="rows decoded together when generating (default 16)")
     a("--seed", type=int, default=0, help="seed of every step (default 0)")
