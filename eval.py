@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import cli
+import options
 import data
 from model import DEFAULT_MODEL, DTYPES, dtype_of, keep_freed_memory, load_model, load_tokenizer
 from data import atomic_write
@@ -364,12 +364,12 @@ def main(argv=None):
     t = sub.add_parser("task", help="task metric + held-out answer loss of a model",
                        description="Task metric and held-out answer loss of a model; writes JSON.")
     t.add_argument("task", choices=list(TASKS), help="the benchmark")
-    t.add_argument("--model", default=DEFAULT_MODEL, type=cli.model, help="any name load_model takes: the offline default, "
+    t.add_argument("--model", default=DEFAULT_MODEL, type=options.model, help="any name load_model takes: the offline default, "
                    f"a HF folder (e.g. a fine-tuned one), a .gguf, a hub id (default {DEFAULT_MODEL})")
-    t.add_argument("--limit", type=cli.count, help="evaluate only the first N held-out items (default: all)")
-    t.add_argument("--shots", type=cli.count0, help="few-shot examples from the train fold (default: gsm8k 5, "
+    t.add_argument("--limit", type=options.count, help="evaluate only the first N held-out items (default: all)")
+    t.add_argument("--shots", type=options.count0, help="few-shot examples from the train fold (default: gsm8k 5, "
                    "mbpp 3, boolq 0; triviaqa and humaneval are 0-shot only)")
-    t.add_argument("--batch-size", type=cli.count, default=8, help="prompts per forward/decode batch (default 8)")
+    t.add_argument("--batch-size", type=options.count, default=8, help="prompts per forward/decode batch (default 8)")
     t.add_argument("--dtype", choices=DTYPES, default="auto",
                    help="model precision (default auto: bf16 where measured faster than fp32 here)")
     t.add_argument("--out", help="output JSON (default out/eval/<task>-<model>.json)")

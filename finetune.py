@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import cli
+import options
 import data
 from model import DEFAULT_MODEL, DTYPES, dtype_of, keep_freed_memory, load_model, load_tokenizer, save_model
 from softsrv import CKPT_STATE, load_optimizer_state, lr_at, save_optimizer_state
@@ -268,24 +268,24 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> list[tuple[int, Path
 def parse_args(argv=None) -> FinetuneConfig:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--data", required=True, type=cli.path,
+    a("--data", required=True, type=options.path,
       help="JSONL of pairs with 'question' and 'answer' fields (pipeline.py's data.jsonl); every line must be "
            "a complete record")
     a("--out", default="out/finetune", help="folder for the step-N checkpoints (default out/finetune)")
-    a("--model", default=DEFAULT_MODEL, type=cli.model, help=f"student to fine-tune: any model load_model takes (default {DEFAULT_MODEL})")
+    a("--model", default=DEFAULT_MODEL, type=options.model, help=f"student to fine-tune: any model load_model takes (default {DEFAULT_MODEL})")
     a("--preset", choices=PRESETS, default="cpu",
       help="defaults for the options below: tiny (a smoke run), cpu (default), paper (Sec. 3.3)")
-    a("--seq-len", type=cli.count, help="tokens per packed row (tiny 256, cpu 1024, paper 8192)")
-    a("--batch-size", type=cli.count, help="packed rows per optimizer step (tiny 2, cpu 8, paper 16)")
-    a("--micro-batch", type=cli.count, default=2, help="rows per forward/backward pass; gradients accumulate (default 2)")
-    a("--lr", type=cli.positive, help="peak learning rate (tiny 1e-4, cpu 2e-5, paper 1e-6)")
-    a("--warmup", type=cli.count0, help="linear warm-up steps from 0 (tiny 1, cpu 5, paper 100)")
-    a("--epochs", type=cli.positive, help="passes over the pairs (default 1)")
-    a("--weight-decay", type=cli.nonneg, default=0.0, help="AdamW weight decay (default 0)")
-    a("--save-at", type=cli.count, nargs="*", default=[],
+    a("--seq-len", type=options.count, help="tokens per packed row (tiny 256, cpu 1024, paper 8192)")
+    a("--batch-size", type=options.count, help="packed rows per optimizer step (tiny 2, cpu 8, paper 16)")
+    a("--micro-batch", type=options.count, default=2, help="rows per forward/backward pass; gradients accumulate (default 2)")
+    a("--lr", type=options.positive, help="peak learning rate (tiny 1e-4, cpu 2e-5, paper 1e-6)")
+    a("--warmup", type=options.count0, help="linear warm-up steps from 0 (tiny 1, cpu 5, paper 100)")
+    a("--epochs", type=options.positive, help="passes over the pairs (default 1)")
+    a("--weight-decay", type=options.nonneg, default=0.0, help="AdamW weight decay (default 0)")
+    a("--save-at", type=options.count, nargs="*", default=[],
       help="checkpoint steps (default: --n-checkpoints evenly spaced; the last step always)")
-    a("--n-checkpoints", type=cli.count, help="evenly spaced checkpoints when --save-at is not given (tiny 2, cpu 3, paper 5)")
-    a("--seed", type=cli.seed, default=0, help="seed for packing and batch order (default 0)")
+    a("--n-checkpoints", type=options.count, help="evenly spaced checkpoints when --save-at is not given (tiny 2, cpu 3, paper 5)")
+    a("--seed", type=options.seed, default=0, help="seed for packing and batch order (default 0)")
     a("--dtype", choices=DTYPES, default="auto",
       help="matmul precision (default auto: bf16 autocast where measured faster than fp32 here; weights "
            "and optimizer state stay fp32)")

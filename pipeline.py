@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import cli
+import options
 import data
 from dist import append_in_rounds, cli_errors, init_distributed, local_threads, rank0_first
 from model import DEFAULT_MODEL, DTYPES, check_model, dtype_of, keep_freed_memory, load_model, load_tokenizer
@@ -718,7 +718,7 @@ def _run_steps(run: Run, stop_after: str | None) -> Path:
 
 def parser() -> argparse.ArgumentParser:
     """The CLI: each option's dest is the PipelineConfig field it sets (command_line relies on it).
-    Every value is range-checked here (cli.py), before anything is loaded or written."""
+    Every value is range-checked here (options.py), before anything is loaded or written."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--task", choices=TASKS, default="gsm8k", help="benchmark whose train questions are the target (default gsm8k)")
@@ -727,27 +727,27 @@ def parser() -> argparse.ArgumentParser:
     a("--preset", choices=PRESETS, default="cpu",
       help="counts and settings: tiny (minutes), cpu (about an hour on 2 cores, default), paper (A.2, Sec. 3.3)")
     a("--out", help="run folder (default runs/<task>-<method>); re-running continues it")
-    a("--generator", default=DEFAULT_MODEL, type=cli.model, help=f"H and E for SoftSRV, the template LM for PT (default {DEFAULT_MODEL})")
-    a("--answerer", default=DEFAULT_MODEL, type=cli.model, help=f"the LM that writes answers (default {DEFAULT_MODEL})")
-    a("--student", default=DEFAULT_MODEL, type=cli.model, help=f"the model fine-tuned and evaluated (default {DEFAULT_MODEL})")
-    a("--train-steps", type=cli.count, help="SoftSRV training steps (default: train.py's preset: cpu 250, paper 20000)")
-    a("--n-generate", type=cli.count, help="questions generated (tiny 24, cpu 1000, paper 100000)")
-    a("--n-keep", type=cli.count, help="N_s, questions kept by the cluster subsample (tiny 12, cpu 500, paper 50K/20K)")
-    a("--n-clusters", type=cli.count, help="MiniBatchKMeans clusters for the subsample (tiny 4, cpu 50, paper 700)")
-    a("--temperature", type=cli.temperature, default=1.0, help="SoftSRV sampling temperature (default 1, A.2)")
-    a("--top-p", type=cli.top_p, help="SoftSRV nucleus sampling (cpu 0.9, chosen by a sweep; paper 1.0 = off)")
-    a("--pt-temperature", type=cli.temperature,
+    a("--generator", default=DEFAULT_MODEL, type=options.model, help=f"H and E for SoftSRV, the template LM for PT (default {DEFAULT_MODEL})")
+    a("--answerer", default=DEFAULT_MODEL, type=options.model, help=f"the LM that writes answers (default {DEFAULT_MODEL})")
+    a("--student", default=DEFAULT_MODEL, type=options.model, help=f"the model fine-tuned and evaluated (default {DEFAULT_MODEL})")
+    a("--train-steps", type=options.count, help="SoftSRV training steps (default: train.py's preset: cpu 250, paper 20000)")
+    a("--n-generate", type=options.count, help="questions generated (tiny 24, cpu 1000, paper 100000)")
+    a("--n-keep", type=options.count, help="N_s, questions kept by the cluster subsample (tiny 12, cpu 500, paper 50K/20K)")
+    a("--n-clusters", type=options.count, help="MiniBatchKMeans clusters for the subsample (tiny 4, cpu 50, paper 700)")
+    a("--temperature", type=options.temperature, default=1.0, help="SoftSRV sampling temperature (default 1, A.2)")
+    a("--top-p", type=options.top_p, help="SoftSRV nucleus sampling (cpu 0.9, chosen by a sweep; paper 1.0 = off)")
+    a("--pt-temperature", type=options.temperature,
       help="PT/PT_SR sampling temperature (tiny/cpu 1.0: at 2 the 135M model writes random tokens; paper 2.0, A.2)")
-    a("--pt-top-p", type=cli.top_p, help="PT/PT_SR nucleus sampling (tiny/cpu 0.9 as SoftSRV's; paper 1.0 = off)")
-    a("--sr-rounds", type=cli.count, help="PT_SR: critique and refine rounds at most (tiny/cpu 1, paper 3)")
-    a("--answer-temperature", type=cli.temperature, default=0.0, help="answering temperature (default 0 = greedy)")
-    a("--answer-tokens", type=cli.count, help="longest answer in tokens (tiny 48, cpu 256, paper 512)")
-    a("--ft-lr", type=cli.positive, help="fine-tuning peak lr (default: finetune.py's preset: cpu 2e-5, paper 1e-6)")
-    a("--ft-epochs", type=cli.positive, help="fine-tuning passes over data.jsonl (default 1)")
-    a("--eval-limit", type=cli.count, help="held-out items per evaluation (tiny 4, cpu 100, paper all)")
-    a("--buckets", type=cli.count, help="MAUVE k-means buckets (default 32, the paper's)")
-    a("--batch-size", type=cli.count, default=16, help="rows decoded together when generating (default 16)")
-    a("--seed", type=cli.seed, default=0, help="seed of every step (default 0)")
+    a("--pt-top-p", type=options.top_p, help="PT/PT_SR nucleus sampling (tiny/cpu 0.9 as SoftSRV's; paper 1.0 = off)")
+    a("--sr-rounds", type=options.count, help="PT_SR: critique and refine rounds at most (tiny/cpu 1, paper 3)")
+    a("--answer-temperature", type=options.temperature, default=0.0, help="answering temperature (default 0 = greedy)")
+    a("--answer-tokens", type=options.count, help="longest answer in tokens (tiny 48, cpu 256, paper 512)")
+    a("--ft-lr", type=options.positive, help="fine-tuning peak lr (default: finetune.py's preset: cpu 2e-5, paper 1e-6)")
+    a("--ft-epochs", type=options.positive, help="fine-tuning passes over data.jsonl (default 1)")
+    a("--eval-limit", type=options.count, help="held-out items per evaluation (tiny 4, cpu 100, paper all)")
+    a("--buckets", type=options.count, help="MAUVE k-means buckets (default 32, the paper's)")
+    a("--batch-size", type=options.count, default=16, help="rows decoded together when generating (default 16)")
+    a("--seed", type=options.seed, default=0, help="seed of every step (default 0)")
     a("--dtype", choices=DTYPES, default="auto",
       help="model precision (default auto: bf16 where measured faster than fp32 here)")
     a("--stop-after", choices=list(STEPS)[:-1],
@@ -776,7 +776,7 @@ def command_line(cfg: PipelineConfig, out) -> str:
     differs from what the preset gives, as the option that sets it (an option added to parser()
     and PipelineConfig is covered without a change here)."""
     base, _, _ = parse_args(["--task", cfg.task, "--method", cfg.method, "--preset", cfg.preset])
-    options = {a.dest: a for a in parser()._actions if a.option_strings}
+    by_dest = {a.dest: a for a in parser()._actions if a.option_strings}
     words = ["python", "pipeline.py", "--task", cfg.task, "--method", cfg.method, "--preset", cfg.preset,
              "--out", str(out)]
     unset = []
@@ -784,7 +784,7 @@ def command_line(cfg: PipelineConfig, out) -> str:
         value = getattr(cfg, f.name)
         if f.name in ("task", "method", "preset") or value == getattr(base, f.name):
             continue
-        opt = options.get(f.name)
+        opt = by_dest.get(f.name)
         if opt is None or value is None:
             unset.append(f"{f.name}={value!r}")    # set in code, not by an option
         elif isinstance(value, bool):

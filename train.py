@@ -21,7 +21,7 @@ import torch.distributed
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-import cli
+import options
 import data
 from dist import all_sum, cli_errors, init_distributed, rank0_first
 from model import DEFAULT_MODEL, DTYPES, dtype_of, keep_freed_memory, load_model, load_tokenizer
@@ -247,31 +247,31 @@ def parse_args(argv=None) -> tuple[TrainConfig, bool]:
     a("--param", choices=["np", "mp", "mc"], default="mc",
       help="parameterization: np = one prompt (Eq. 1), mp = mixture of k prompts (Eq. 2), "
            "mc = t MLPs of the context (Eq. 3). Default: mc")
-    a("--k", type=cli.count, default=2, help="MPk: number of basis prompts (default 2)")
-    a("--prompt-len", type=cli.count, help="t, the number of soft tokens (cpu 16, paper 128)")
-    a("--hidden", type=cli.count, default=128, help="MC: hidden width of each 3-layer MLP (default 128)")
-    a("--steps", type=cli.count, help="optimizer steps (cpu 250, paper 20000)")
-    a("--lr", type=cli.positive, help="peak AdamW learning rate (cpu: np/mp 2.4e-2, mc 3e-3; paper 5e-6)")
-    a("--warmup", type=cli.count0, help="linear warm-up steps before the cosine decay (cpu 10, paper 0)")
-    a("--batch-size", type=cli.count, help="examples per step (cpu 8, paper 16)")
-    a("--mp-decay", type=cli.nonneg,
+    a("--k", type=options.count, default=2, help="MPk: number of basis prompts (default 2)")
+    a("--prompt-len", type=options.count, help="t, the number of soft tokens (cpu 16, paper 128)")
+    a("--hidden", type=options.count, default=128, help="MC: hidden width of each 3-layer MLP (default 128)")
+    a("--steps", type=options.count, help="optimizer steps (cpu 250, paper 20000)")
+    a("--lr", type=options.positive, help="peak AdamW learning rate (cpu: np/mp 2.4e-2, mc 3e-3; paper 5e-6)")
+    a("--warmup", type=options.count0, help="linear warm-up steps before the cosine decay (cpu 10, paper 0)")
+    a("--batch-size", type=options.count, help="examples per step (cpu 8, paper 16)")
+    a("--mp-decay", type=options.nonneg,
       help="SS_MP: AdamW weight decay on the bases' deviations from their mean, pulling the k bases together "
            "unless the data keeps them apart (cpu 3.0, best of 0/1/3 on seed 0; paper 0 = Eq. 2 as published)")
-    a("--max-tokens", type=cli.count, help="cut each example to this many tokens (cpu 128, paper 512)")
-    a("--data", default="gsm8k", type=cli.data_source(data.DATASETS),
+    a("--max-tokens", type=options.count, help="cut each example to this many tokens (cpu 128, paper 512)")
+    a("--data", default="gsm8k", type=options.data_source(data.DATASETS),
       help=f"registered dataset ({', '.join(data.DATASETS)}) or a .jsonl/.json/.txt file (recorded as an "
            "absolute path). Default: gsm8k (offline: the part of the GSM8K test fold set aside as a stand-in "
            "train fold, see data.py)")
     a("--field", help="text field of a .jsonl/.json file (dotted paths allowed; default 'text')")
     a("--split", default="train", help="split of a registered dataset (default train)")
-    a("--n-heldout", type=cli.count, default=100,
+    a("--n-heldout", type=options.count, default=100,
       help="examples kept out of training to measure held-out reconstruction loss (default 100)")
-    a("--model", default=DEFAULT_MODEL, type=cli.model,
+    a("--model", default=DEFAULT_MODEL, type=options.model,
       help=f"frozen backbone H: model folder, .gguf file, hub id, or the offline default (default {DEFAULT_MODEL})")
-    a("--embed-model", default=None, type=cli.model, help="context encoder E's model (default: the same as --model)")
+    a("--embed-model", default=None, type=options.model, help="context encoder E's model (default: the same as --model)")
     a("--out", help="checkpoint folder (default out/ss_<param>)")
-    a("--seed", type=cli.seed, default=0, help="seed for initialization and batch order (default 0)")
-    a("--eval-every", type=cli.count, help="steps between held-out evaluations and checkpoints (cpu 50, paper 1000)")
+    a("--seed", type=options.seed, default=0, help="seed for initialization and batch order (default 0)")
+    a("--eval-every", type=options.count, help="steps between held-out evaluations and checkpoints (cpu 50, paper 1000)")
     a("--dtype", choices=DTYPES, default="auto",
       help="backbone precision (default auto: bf16 where this machine runs it faster than fp32, measured "
            "at start-up; θ stays fp32)")

@@ -176,6 +176,7 @@ def test_relative_paths_are_recorded_absolute(tmp_path, monkeypatch):
     cfg, _ = train.parse_args(["--data", "q.jsonl", "--model", "m"])
     assert cfg.data == str(tmp_path / "q.jsonl") and cfg.model == cfg.embed_model == str(tmp_path / "m")
     assert train.parse_args(["--data", "gsm8k"])[0].data == "gsm8k"       # a registered name stays a name
+    assert train.parse_args(["--data", "gsm8kk"])[0].data == "gsm8kk"     # and a typo is reported as one
     assert finetune.parse_args(["--data", "pairs.jsonl"]).data == str(tmp_path / "pairs.jsonl")
 
 

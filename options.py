@@ -59,9 +59,13 @@ def path(text: str) -> str:
 
 
 def data_source(registered):
-    """--data: a registered dataset name as it is, anything else a file path made absolute."""
+    """--data: a registered dataset name as it is; a file (one that exists, or a name with a
+    directory or an extension) made absolute. Anything else stays as typed, so a mistyped dataset
+    name is reported as one."""
     def check(text: str) -> str:
-        return text if text in registered else path(text)
+        p = Path(text).expanduser()
+        looks_like_file = p.exists() or len(p.parts) > 1 or "." in p.name
+        return path(text) if text not in registered and looks_like_file else text
     check.__name__ = "data"
     return check
 
