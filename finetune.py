@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import options
 import data
+import options
 from model import DEFAULT_MODEL, DTYPES, dtype_of, keep_freed_memory, load_model, load_tokenizer, save_model
 from softsrv import CKPT_STATE, load_optimizer_state, lr_at, save_optimizer_state
 from tokenizer import qa_answer_ids, qa_prompt_ids

@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-import options
 import data
+import options
 from model import DTYPES, dtype_of, keep_freed_memory, load_model, load_tokenizer
 from dist import append_in_rounds, cli_errors, init_distributed, rank0_first
 from sampling import sample

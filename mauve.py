@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-import options
 import data
+import options
 from model import DEFAULT_MODEL, DTYPES, dtype_of, keep_freed_memory
 
 PLOT_REQUIREMENT = "matplotlib==3.11.2"          # requirements-plot.txt: the optional extra for --plot

@@ -38,8 +38,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import options
 import data
+import options
 from dist import append_in_rounds, cli_errors, init_distributed, local_threads, rank0_first
 from model import DEFAULT_MODEL, DTYPES, check_model, dtype_of, keep_freed_memory, load_model, load_tokenizer
 from sampling import cut_at, generate_from_ids, stop_on

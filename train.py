@@ -21,8 +21,8 @@ import torch.distributed
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-import options
 import data
+import options
 from dist import all_sum, cli_errors, init_distributed, rank0_first
 from model import DEFAULT_MODEL, DTYPES, dtype_of, keep_freed_memory, load_model, load_tokenizer
 from softsrv import (CKPT_CONFIG, ContextEncoder, build_soft_prompt, context_vectors, load_checkpoint,

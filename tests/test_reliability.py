@@ -189,7 +189,7 @@ def test_malformed_last_line_of_a_user_file_is_an_error(tmp_path):
     path = tmp_path / "user.jsonl"
     path.write_text('{"text": "a", "question": "q1", "answer": "a1"}\n'
                     '{"text": "b", "question": "q2", "answer": "a2"}\n{"text": "c", "quest')
-    line3 = rf"user.jsonl:3: not valid JSON .*cut off"
+    line3 = r"user.jsonl:3: not valid JSON .*cut off"
     with pytest.raises(ValueError, match=line3):
         data.read_jsonl(path)
     with pytest.raises(ValueError, match=line3):                  # train.py --data
