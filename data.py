@@ -1,6 +1,6 @@
 """The target samples SoftSRV is trained on, and the project's one JSONL reader/writer.
 
-SoftSRV (SPEC §5 step 1) is trained on the *questions* of a task's train fold. This module turns
+SoftSRV (paper Sec. 3.3, step 1) is trained on the *questions* of a task's train fold. This module turns
 a registered dataset name or a file into a list of `Example`s:
 
     load_examples("gsm8k")                          # GSM8K train questions
@@ -54,13 +54,22 @@ Every user mistake raises ValueError with one line naming the file, line and pro
 JSONL I/O (write_jsonl / read_jsonl) is crash-safe: a whole-file write goes to a temporary file
 in the same directory that is fsynced and then renamed over the target, so the target is either
 the old or the new content; an append writes whole lines at once and fsyncs. If a crash still
-leaves a truncated last line, read_jsonl drops it (reporting it on stderr) and the next append
-removes it first.
+leaves a truncated last line in a file the project appends to, read_jsonl(path, repair=True) drops
+it (reporting it on stderr) and the next append removes it first. A user's file is never repaired:
+read_jsonl(path) and load_examples report a malformed line anywhere, the last one included, as an
+error naming the file and line. read_json reads back the project's JSON files (settings, state,
+checkpoint configs) the same way: one line naming the file and what is wrong.
+
+A run's output (a pipeline run folder, a generate.py output file) belongs to one process at a time:
+lock() holds an flock on a lock file beside it, which the kernel releases when the process ends,
+however it ends; a second process is refused with one line naming the holder.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import fcntl
 import gzip
 import hashlib
 import importlib.util
@@ -602,7 +611,7 @@ def _read_text(path: Path) -> str:
         raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
 
 
-def _read_jsonl_numbered(path: str | os.PathLike) -> list[tuple[int, Any]]:
+def _read_jsonl_numbered(path: str | os.PathLike, repair: bool = False) -> list[tuple[int, Any]]:
     path = Path(path)
     raw = _read_bytes(path)
     lines = raw.split(b"\n")
@@ -613,18 +622,33 @@ def _read_jsonl_numbered(path: str | os.PathLike) -> list[tuple[int, Any]]:
         try:
             out.append((n, json.loads(line.decode("utf-8"))))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            if n == len(lines):  # last line, no newline after it: a write that was cut off
+            if repair and n == len(lines):  # our own append cut off: no newline after it
                 _warn(f"{path}:{n}: dropped a truncated final line ({len(line)} bytes, "
-                      "probably an interrupted write)")
+                      "an interrupted write)")
                 break
             msg = e.msg if isinstance(e, json.JSONDecodeError) else "not UTF-8"
-            raise ValueError(f"{path}:{n}: not valid JSON ({msg})") from None
+            cut = " (the last line, without a newline: is the file cut off?)" if n == len(lines) else ""
+            raise ValueError(f"{path}:{n}: not valid JSON ({msg}){cut}") from None
     return out
 
 
-def read_jsonl(path: str | os.PathLike) -> list[Any]:
-    """All records of a .jsonl / .jsonl.gz file; a truncated final line is dropped and reported."""
-    return [rec for _, rec in _read_jsonl_numbered(path)]
+def read_jsonl(path: str | os.PathLike, repair: bool = False) -> list[Any]:
+    """All records of a .jsonl / .jsonl.gz file; a malformed line is an error naming file and line.
+    repair=True is for the files the project appends to itself (generate.py's samples, the
+    pipeline's chunked steps): a truncated final line, left by a killed append, is dropped and
+    reported, and the next append removes it. Never for a user's file: its last line is data."""
+    return [rec for _, rec in _read_jsonl_numbered(path, repair)]
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """A JSON file the project wrote and reads back (settings, state, a checkpoint's config);
+    ValueError naming the file when it is unreadable."""
+    path = Path(path)
+    try:
+        return json.loads(_read_text(path))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON (line {e.lineno}: {e.msg}); the file is damaged: "
+                         f"delete it or restore it") from None
 
 
 def _dumps(record: Any) -> bytes:
@@ -695,6 +719,32 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def lock(path: str | os.PathLike, target: str):
+    """Hold an exclusive lock on `path` (created if missing) while the returned file stays open;
+    the holder's pid, host and start time are written into it. A second process gets ValueError
+    naming the holder instead of working on `target` at the same time (which would append every
+    record twice). flock belongs to the open file: the kernel drops it when the process ends, even
+    by SIGKILL, so a killed run leaves nothing stuck; the file that remains is only a name."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT, 0o644), "r+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = f.read().strip() or "a process that is just starting"
+        f.close()
+        raise ValueError(f"{target}: in use by {holder}; wait for it to end, or choose another output "
+                         f"(two processes at once would write every record twice)") from None
+    except OSError as e:
+        f.close()
+        raise ValueError(f"{path}: cannot lock ({e.strerror}); this filesystem does not support flock") from None
+    started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    f.truncate(0)
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}, started {started}\n")
+    f.flush()
+    return f
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:

@@ -1,4 +1,4 @@
-"""How good is a model on the target tasks (SPEC §5 step 6, §7): task metrics and the held-out answer loss.
+"""How good is a model on the target tasks (paper Sec. 3.3, step 6): task metrics and the held-out answer loss.
 
     python eval.py task gsm8k --model smollm2-135m-instruct            # 5-shot pass@1 on the 330 held out
     python eval.py task boolq --model out/ft_mc --limit 1000           # a fine-tuned HF folder
@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
+import options
 from model import DEFAULT_MODEL, DTYPES, dtype_of, keep_freed_memory, load_model, load_tokenizer
 from data import atomic_write
 from sampling import cut_at, generate_from_ids, stop_on
@@ -570,13 +571,13 @@ def main(argv=None):
     t = sub.add_parser("task", help="task metric + held-out answer loss of a model",
                        description="Task metric and held-out answer loss of a model; writes JSON.")
     t.add_argument("task", choices=list(TASKS), help="the benchmark")
-    t.add_argument("--model", default=DEFAULT_MODEL, help="any name load_model takes: the offline default, "
+    t.add_argument("--model", default=DEFAULT_MODEL, type=options.model, help="any name load_model takes: the offline default, "
                    f"a HF folder (e.g. a fine-tuned one), a .gguf, a hub id (default {DEFAULT_MODEL})")
-    t.add_argument("--limit", type=int, help="run the task metrics (k-shot and chat) on only the first N held-out "
+    t.add_argument("--limit", type=options.count, help="run the task metrics (k-shot and chat) on only the first N held-out "
                    "items (default: all; the answer loss follows --loss-limit)")
-    t.add_argument("--shots", type=int, help="few-shot examples from the train fold (default: gsm8k 5, "
+    t.add_argument("--shots", type=options.count0, help="few-shot examples from the train fold (default: gsm8k 5, "
                    "mbpp 3, boolq 0; triviaqa and humaneval are 0-shot only)")
-    t.add_argument("--batch-size", type=int, default=8, help="prompts per forward/decode batch (default 8)")
+    t.add_argument("--batch-size", type=options.count, default=8, help="prompts per forward/decode batch (default 8)")
     t.add_argument("--dtype", choices=DTYPES, default="auto",
                    help="model precision (default auto: bf16 where measured faster than fp32 here)")
     t.add_argument("--out", help="output JSON (default out/eval/<task>-<model>.json)")

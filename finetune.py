@@ -1,4 +1,4 @@
-"""Fine-tune a student LM on (question, answer) pairs (paper Sec. 3.3 step 5, SPEC §5).
+"""Fine-tune a student LM on (question, answer) pairs (paper Sec. 3.3, step 5).
 
     python finetune.py --data runs/gsm8k-mc/data.jsonl --out runs/gsm8k-mc/finetune
 
@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
+import options
 from model import DEFAULT_MODEL, DTYPES, dtype_of, keep_freed_memory, load_model, load_tokenizer, save_model
 from softsrv import CKPT_STATE, load_optimizer_state, lr_at, save_optimizer_state
 from tokenizer import qa_answer_ids, qa_prompt_ids
@@ -271,24 +272,26 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> list[tuple[int, Path
 def parse_args(argv=None) -> FinetuneConfig:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--data", required=True, help="JSONL of pairs with 'question' and 'answer' fields (pipeline.py's data.jsonl)")
+    a("--data", required=True, type=options.path,
+      help="JSONL of pairs with 'question' and 'answer' fields (pipeline.py's data.jsonl); every line must be "
+           "a complete record")
     a("--out", default="out/finetune", help="folder for the step-N checkpoints (default out/finetune)")
-    a("--model", default=DEFAULT_MODEL, help=f"student to fine-tune: any model load_model takes (default {DEFAULT_MODEL})")
+    a("--model", default=DEFAULT_MODEL, type=options.model, help=f"student to fine-tune: any model load_model takes (default {DEFAULT_MODEL})")
     a("--preset", choices=PRESETS, default="cpu",
       help="defaults for the options below: tiny (a smoke run), cpu (default), paper (Sec. 3.3)")
-    a("--seq-len", type=int, help="tokens per packed row (tiny 256, cpu 1024, paper 8192)")
-    a("--batch-size", type=int, help="packed rows per optimizer step (tiny 2, cpu 8, paper 16)")
-    a("--micro-batch", type=int, default=2, help="rows per forward/backward pass; gradients accumulate (default 2)")
-    a("--lr", type=float, help="peak learning rate (tiny 1e-4, cpu 2e-5, paper 1e-6)")
-    a("--warmup", type=int, help="linear warm-up steps from 0 (tiny 1, cpu 5, paper 100)")
-    a("--epochs", type=float, help="passes over the pairs (default 1)")
-    a("--steps", type=int, default=0, help="exactly this many optimizer steps, cycling over the pairs; overrides "
-      "--epochs (default 0 = from --epochs); comparisons between data sets fix it")
-    a("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
-    a("--save-at", type=int, nargs="*", default=[],
+    a("--seq-len", type=options.count, help="tokens per packed row (tiny 256, cpu 1024, paper 8192)")
+    a("--batch-size", type=options.count, help="packed rows per optimizer step (tiny 2, cpu 8, paper 16)")
+    a("--micro-batch", type=options.count, default=2, help="rows per forward/backward pass; gradients accumulate (default 2)")
+    a("--lr", type=options.positive, help="peak learning rate (tiny 1e-4, cpu 2e-5, paper 1e-6)")
+    a("--warmup", type=options.count0, help="linear warm-up steps from 0 (tiny 1, cpu 5, paper 100)")
+    a("--epochs", type=options.positive, help="passes over the pairs (default 1)")
+    a("--steps", type=options.count0, default=0, help="exactly this many optimizer steps, cycling over the pairs; "
+      "overrides --epochs (default 0 = from --epochs); comparisons between data sets fix it")
+    a("--weight-decay", type=options.nonneg, default=0.0, help="AdamW weight decay (default 0)")
+    a("--save-at", type=options.count, nargs="*", default=[],
       help="checkpoint steps (default: --n-checkpoints evenly spaced; the last step always)")
-    a("--n-checkpoints", type=int, help="evenly spaced checkpoints when --save-at is not given (tiny 2, cpu 3, paper 5)")
-    a("--seed", type=int, default=0, help="seed for packing and batch order (default 0)")
+    a("--n-checkpoints", type=options.count, help="evenly spaced checkpoints when --save-at is not given (tiny 2, cpu 3, paper 5)")
+    a("--seed", type=options.seed, default=0, help="seed for packing and batch order (default 0)")
     a("--dtype", choices=DTYPES, default="auto",
       help="matmul precision (default auto: bf16 autocast where measured faster than fp32 here; weights "
            "and optimizer state stay fp32)")
@@ -298,11 +301,6 @@ def parse_args(argv=None) -> FinetuneConfig:
                          fixed_steps=args.steps,
                          weight_decay=args.weight_decay, save_at=args.save_at, seed=args.seed, dtype=args.dtype,
                          **{k: getattr(args, k) if getattr(args, k) is not None else v for k, v in preset.items()})
-    for f in ("seq_len", "batch_size", "micro_batch", "n_checkpoints"):
-        if getattr(cfg, f) < 1:
-            p.error(f"--{f.replace('_', '-')} must be at least 1")
-    if cfg.epochs <= 0 or cfg.lr <= 0 or cfg.warmup < 0 or cfg.fixed_steps < 0:
-        p.error("need --epochs > 0, --lr > 0, --warmup >= 0")
     return cfg
 
 

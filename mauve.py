@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 import data
+import options
 from model import DEFAULT_MODEL, DTYPES, dtype_of, keep_freed_memory
 
 PLOT_REQUIREMENT = "matplotlib==3.11.2"          # requirements-plot.txt: the optional extra for --plot
@@ -244,10 +245,10 @@ def cli(argv=None) -> MauveResult | None:
            "default; the paper (App. A.7) uses 32 for every domain (default auto)")
     a("--plot", help=f"write the divergence curve and the two histograms to this image (.png); needs "
                      f"{PLOT_REQUIREMENT} (pip install -r requirements-plot.txt) (default: no plot)")
-    a("--model", default=DEFAULT_MODEL, help=f"LM whose mean final hidden state is a text's feature, "
+    a("--model", default=DEFAULT_MODEL, type=options.model, help=f"LM whose mean final hidden state is a text's feature, "
                                              f"as for the context encoder E (default {DEFAULT_MODEL})")
     a("--json", help="also write the score, the sizes, the histograms and the curve to this JSON file (default: none)")
-    a("--seed", type=int, default=1, help="k-means seed (default 1)")
+    a("--seed", type=options.seed, default=1, help="k-means seed (default 1)")
     args = p.parse_args(argv)
     try:
         if args.plot:

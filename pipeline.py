@@ -29,6 +29,7 @@ import argparse
 import json
 import math
 import re
+import shlex
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, fields
@@ -40,8 +41,9 @@ from tqdm import tqdm
 
 import answers
 import data
-from dist import append_in_rounds, cli_errors, init_distributed, local_threads
-from model import DEFAULT_MODEL, DTYPES, dtype_of, keep_freed_memory, load_model, load_tokenizer
+import options
+from dist import append_in_rounds, cli_errors, init_distributed, local_threads, rank0_first
+from model import DEFAULT_MODEL, DTYPES, check_model, dtype_of, keep_freed_memory, load_model, load_tokenizer
 from sampling import cut_at, generate_from_ids, stop_on
 from tokenizer import qa_prompt_ids
 
@@ -108,7 +110,7 @@ TEMPLATES = {
 # (measured per step in results/; the fine-tuning and the 5-shot evaluation dominate):
 # - 1,000 questions generated, 500 kept: the answering LM then writes ~500 answers (~10 min) and the
 #   fine-tuning sees ~120K tokens (~15 min); clusters scaled like the paper's 700 per 100K -> 50.
-# - SoftSRV sampling: temperature 1 (the paper's) with top-p 0.9: see README "Sampling settings".
+# - SoftSRV sampling: temperature 1 (the paper's) with top-p 0.9: the sweep in results/sampling_sweep/README.md.
 # - 5-shot GSM8K on 100 of the 330 held-out items per checkpoint; answer loss on the same 100.
 PRESETS = {
     "tiny": dict(train_steps=4, prompt_len=4, n_heldout=8, n_generate=24, n_keep=12, n_clusters=4, svd_dims=8,
@@ -173,23 +175,51 @@ class Run:
     """The run folder: settings.json (refuses other settings), state.json (finished steps with their
     counts and times), and each step's files; and the processes working on it. Under torchrun every
     rank runs the steps that decode (train, generate, answer), each on its share, and rank 0 alone
-    writes the run's files and runs the rest."""
+    writes the run's files and runs the rest.
+
+    The folder belongs to one run at a time: rank 0 holds its lock (data.lock: released by the
+    kernel however the process ends) until close(), and a second pipeline on the folder is refused
+    with one line naming the holder. The other ranks of the same torchrun job take no lock; they
+    wait for rank 0's verdict and end with the same line if it is a refusal. settings.json is
+    written only once the models are known to load, so a first attempt that fails on a wrong model
+    leaves nothing that refuses the corrected command."""
 
     def __init__(self, cfg: PipelineConfig, out: Path, rank: int = 0, world: int = 1, device: str = "cpu"):
-        self.cfg, self.out = cfg, out
+        self.cfg, self.out = cfg, Path(out)
         self.rank, self.world, self.device = rank, world, device
-        out.mkdir(parents=True, exist_ok=True)
-        mine = asdict(cfg)
-        path = out / "settings.json"
-        if path.exists():
-            theirs = json.loads(path.read_text())
-            diff = [f"{k}: {theirs.get(k)!r} -> {v!r}" for k, v in mine.items() if theirs.get(k) != v]
-            if diff:
-                raise ValueError(f"{out}: holds a run with other settings ({'; '.join(diff)}); "
-                                 f"choose another --out or delete the folder")
-        elif rank == 0:
-            _write_json(path, mine)
-        self.state = json.loads((out / "state.json").read_text()) if (out / "state.json").exists() else {}
+        self._lock = None
+        with rank0_first(rank, world):
+            if rank == 0:
+                self._claim()
+        state = self.out / "state.json"
+        self.state = data.read_json(state) if state.exists() else {}
+
+    def _claim(self):
+        """Rank 0: check the models, lock the folder, compare or record the settings."""
+        cfg, mine = self.cfg, asdict(self.cfg)
+        path = self.out / "settings.json"
+        if not path.exists():           # a folder with settings was checked when they were written
+            for name in {cfg.generator, cfg.student} | ({cfg.answerer} if cfg.method != "train" else set()):
+                check_model(name)
+        self._lock = data.lock(self.out / ".lock", str(self.out))
+        try:
+            if path.exists():
+                theirs = data.read_json(path)
+                diff = [f"{k}: {theirs.get(k)!r} -> {v!r}" for k, v in mine.items() if theirs.get(k) != v]
+                if diff:
+                    raise ValueError(f"{self.out}: holds a run with other settings ({'; '.join(diff)}); "
+                                     f"choose another --out or delete the folder")
+            else:
+                _write_json(path, mine)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self):
+        """Let the folder go (the process's end does it too)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     def done(self, step: str) -> bool:
         return step in self.state
@@ -370,7 +400,7 @@ def _in_chunks(run: Run, path: Path, n: int | range, chunk: int, make, desc: str
     """Append the records of indices 0..n-1 (or of a range) to a JSONL in chunks, skipping indices
     already there (resume); under torchrun the ranks make the chunks in turn (dist.append_in_rounds).
     Every rank gets all the file's records."""
-    done = {r["index"] for r in data.read_jsonl(path)} if path.exists() else set()
+    done = {r["index"] for r in data.read_jsonl(path, repair=True)} if path.exists() else set()
     wanted = range(n) if isinstance(n, int) else n
     todo = [i for i in wanted if i not in done]
     bar = tqdm(total=len(wanted), initial=len(wanted) - len(todo), desc=desc, unit="item", dynamic_ncols=True,
@@ -378,14 +408,14 @@ def _in_chunks(run: Run, path: Path, n: int | range, chunk: int, make, desc: str
     append_in_rounds(path, [todo[s:s + chunk] for s in range(0, len(todo), chunk)], make, run.rank, run.world,
                      on_write=bar.update)
     bar.close()
-    return sorted(data.read_jsonl(path), key=lambda r: r["index"])
+    return sorted(data.read_jsonl(path, repair=True), key=lambda r: r["index"])
 
 
 def generate_pt(run: Run, n_completions: int, train_ex: list[data.Example]) -> list[dict]:
     """PT (Sec. 3.2): Fig. 8's template filled with train questions round-robin; each completion is
     parsed into its numbered questions. The template ends with the cue "Question 1:", a prompt to be
     continued, so it goes in as plain text: SmolLM2-135M-Instruct then continues the numbered list,
-    while as a chat turn it mostly answers with one question (README, "Prompt-template baselines")."""
+    while as a chat turn it mostly answers with one question (README, "The pipeline")."""
     cfg = run.cfg
     model = load_model(cfg.generator, dtype=dtype_of(cfg.dtype, run.device), device=run.device)
     tok = load_tokenizer(cfg.generator)
@@ -673,8 +703,7 @@ def write_report(run: Run):
     _write_json(run.out / "report.json", report)
     g, a, d = st.get("generate", {}), st.get("answer", {}), st.get("decontam", {})
     lines = [f"# {cfg.task} / {cfg.method} ({cfg.preset} preset)", "",
-             f"Command: `python pipeline.py --task {cfg.task} --method {cfg.method} --preset {cfg.preset} "
-             f"--out {run.out}`", "", "## Counts", "",
+             f"Command: `{command_line(cfg, run.out)}`", "", "## Counts", "",
              "| generated | unique | subsampled (N) | answered | usable answers | dropped (decontamination) | kept |",
              "|---|---|---|---|---|---|---|",
              f"| {g.get('generated')} | {g.get('unique')} | {g.get('subsampled')} | {a.get('attempted')} | "
@@ -756,8 +785,16 @@ SHARED_STEPS = ("train", "generate", "answer")
 def run_pipeline(cfg: PipelineConfig, out: str | None = None, stop_after: str | None = None) -> Path:
     """Steps 1-6 into the run folder (the report once all are done); stop_after ends the run early."""
     rank, world, device = init_distributed()
-    # Every rank checks the folder's settings, so a mismatch ends them all with the same one line.
+    # Rank 0 takes the folder and checks its settings; a refusal ends every rank with the same line.
     run = Run(cfg, Path(out or f"runs/{cfg.task}-{cfg.method}"), rank, world, device)
+    try:
+        return _run_steps(run, stop_after)
+    finally:
+        run.close()
+
+
+def _run_steps(run: Run, stop_after: str | None) -> Path:
+    cfg, rank, world = run.cfg, run.rank, run.world
     t0 = time.time()
     for name, fn in STEPS.items():
         if name == "train" and cfg.method not in SOFTSRV:
@@ -782,8 +819,9 @@ def run_pipeline(cfg: PipelineConfig, out: str | None = None, stop_after: str | 
     return run.out
 
 
-def parse_args(argv=None) -> tuple[PipelineConfig, str | None, str | None]:
-    """(settings, --out, --stop-after)."""
+def parser() -> argparse.ArgumentParser:
+    """The CLI: each option's dest is the PipelineConfig field it sets (command_line relies on it).
+    Every value is range-checked here (options.py), before anything is loaded or written."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--task", choices=TASKS, default="gsm8k", help="benchmark whose train questions are the target (default gsm8k)")
@@ -792,50 +830,56 @@ def parse_args(argv=None) -> tuple[PipelineConfig, str | None, str | None]:
     a("--preset", choices=PRESETS, default="cpu",
       help="counts and settings: tiny (minutes), cpu (about an hour on 2 cores, default), paper (A.2, Sec. 3.3)")
     a("--out", help="run folder (default runs/<task>-<method>); re-running continues it")
-    a("--generator", default=DEFAULT_MODEL, help=f"H and E for SoftSRV, the template LM for PT (default {DEFAULT_MODEL})")
-    a("--answerer", default=DEFAULT_MODEL, help=f"the LM that writes answers (default {DEFAULT_MODEL})")
-    a("--student", default=DEFAULT_MODEL, help=f"the model fine-tuned and evaluated (default {DEFAULT_MODEL})")
-    a("--train-steps", type=int, help="SoftSRV training steps (default: train.py's preset: cpu 250, paper 20000)")
-    a("--n-generate", type=int, help="questions generated (tiny 24, cpu 1000, paper 100000)")
-    a("--n-keep", type=int, help="N_s, questions kept by the cluster subsample (tiny 12, cpu 500, paper 50K/20K)")
-    a("--n-clusters", type=int, help="MiniBatchKMeans clusters for the subsample (tiny 4, cpu 50, paper 700)")
-    a("--temperature", type=float, default=1.0, help="SoftSRV sampling temperature (default 1, A.2)")
-    a("--top-p", type=float, help="SoftSRV nucleus sampling (cpu 0.9, chosen by a sweep; paper 1.0 = off)")
-    a("--pt-temperature", type=float,
+    a("--generator", default=DEFAULT_MODEL, type=options.model, help=f"H and E for SoftSRV, the template LM for PT (default {DEFAULT_MODEL})")
+    a("--answerer", default=DEFAULT_MODEL, type=options.model, help=f"the LM that writes answers (default {DEFAULT_MODEL})")
+    a("--student", default=DEFAULT_MODEL, type=options.model, help=f"the model fine-tuned and evaluated (default {DEFAULT_MODEL})")
+    a("--train-steps", type=options.count, help="SoftSRV training steps (default: train.py's preset: cpu 250, paper 20000)")
+    a("--n-generate", type=options.count, help="questions generated (tiny 24, cpu 1000, paper 100000)")
+    a("--n-keep", type=options.count, help="N_s, questions kept by the cluster subsample (tiny 12, cpu 500, paper 50K/20K)")
+    a("--n-clusters", type=options.count, help="MiniBatchKMeans clusters for the subsample (tiny 4, cpu 50, paper 700)")
+    a("--temperature", type=options.temperature, default=1.0, help="SoftSRV sampling temperature (default 1, A.2)")
+    a("--top-p", type=options.top_p, help="SoftSRV nucleus sampling (cpu 0.9, chosen by a sweep; paper 1.0 = off)")
+    a("--pt-temperature", type=options.temperature,
       help="PT/PT_SR sampling temperature (tiny/cpu 1.0: at 2 the 135M model writes random tokens; paper 2.0, A.2)")
-    a("--pt-top-p", type=float, help="PT/PT_SR nucleus sampling (tiny/cpu 0.9 as SoftSRV's; paper 1.0 = off)")
-    a("--sr-rounds", type=int, help="PT_SR: critique and refine rounds at most (tiny/cpu 1, paper 3)")
-    a("--answer-temperature", type=float, default=0.0, help="answering temperature (default 0 = greedy)")
-    a("--answer-tokens", type=int, help="longest answer in tokens (tiny 128, cpu 256, paper 512); an answer "
+    a("--pt-top-p", type=options.top_p, help="PT/PT_SR nucleus sampling (tiny/cpu 0.9 as SoftSRV's; paper 1.0 = off)")
+    a("--sr-rounds", type=options.count, help="PT_SR: critique and refine rounds at most (tiny/cpu 1, paper 3)")
+    a("--answer-temperature", type=options.temperature, default=0.0, help="answering temperature (default 0 = greedy)")
+    a("--answer-tokens", type=options.count, help="longest answer in tokens (tiny 128, cpu 256, paper 512); an answer "
       "cut there is dropped, never trained")
     a("--answer-format", choices=answers.FORMATS,
       help="as-is: the paper's (SoftSRV: the question alone in the chat format; PT/PT_SR: Fig. 9); fewshot: "
            "every method the same k-shot prompt of train examples, so arms differ only in their questions "
            "(default as-is)")
-    a("--answer-samples", type=int,
+    a("--answer-samples", type=options.count,
       help="GSM8K self-consistency: k sampled answers per question (needs --answer-temperature > 0), the "
            "question kept when a strict majority of the final answers agree (default 1 = off)")
-    a("--answer-attempts", type=float,
+    a("--answer-attempts", type=options.at_least_one,
       help="questions answered at most, as a multiple of the N pairs wanted, when answers are dropped (default 2)")
     a("--target", choices=("question", "full"),
       help="what SoftSRV learns: the questions (the paper's), or whole examples, question + reference answer, so "
            "each sample carries its own answer and no answerer runs (default question)")
-    a("--ft-lr", type=float, help="fine-tuning peak lr (default: finetune.py's preset: cpu 2e-5, paper 1e-6)")
-    a("--ft-epochs", type=float, help="fine-tuning passes over data.jsonl (default 1)")
-    a("--ft-steps", type=int, help="fine-tuning steps, overriding --ft-epochs: the same for every arm of a "
+    a("--ft-lr", type=options.positive, help="fine-tuning peak lr (default: finetune.py's preset: cpu 2e-5, paper 1e-6)")
+    a("--ft-epochs", type=options.positive, help="fine-tuning passes over data.jsonl (default 1)")
+    a("--ft-steps", type=options.count, help="fine-tuning steps, overriding --ft-epochs: the same for every arm of a "
       "comparison (default: from --ft-epochs)")
-    a("--ft-checkpoints", type=int, help="fine-tuning checkpoints, evenly spaced, each evaluated (default: "
+    a("--ft-checkpoints", type=options.count, help="fine-tuning checkpoints, evenly spaced, each evaluated (default: "
       "finetune.py's preset: tiny 2, cpu 3, paper 5)")
-    a("--eval-limit", type=int, help="held-out items per evaluation (tiny 4, cpu 100, paper all)")
-    a("--eval-loss-limit", type=int, help="held-out items of the answer loss (tiny 4, cpu and paper all)")
-    a("--buckets", type=int, help="MAUVE k-means buckets (default 32, the paper's)")
-    a("--batch-size", type=int, default=16, help="rows decoded together when generating (default 16)")
-    a("--seed", type=int, default=0, help="seed of every step (default 0)")
+    a("--eval-limit", type=options.count, help="held-out items per evaluation (tiny 4, cpu 100, paper all)")
+    a("--eval-loss-limit", type=options.count, help="held-out items of the answer loss (tiny 4, cpu and paper all)")
+    a("--buckets", type=options.count, help="MAUVE k-means buckets (default 32, the paper's)")
+    a("--batch-size", type=options.count, default=16, help="rows decoded together when generating (default 16)")
+    a("--seed", type=options.seed, default=0, help="seed of every step (default 0)")
     a("--dtype", choices=DTYPES, default="auto",
       help="model precision (default auto: bf16 where measured faster than fp32 here)")
     a("--stop-after", choices=list(STEPS)[:-1],
       help="end the run after this step, e.g. decontam for just the synthetic data.jsonl (default: run all); "
            "not a setting of the run: the same command without it continues")
+    return p
+
+
+def parse_args(argv=None) -> tuple[PipelineConfig, str | None, str | None]:
+    """(settings, --out, --stop-after)."""
+    p = parser()
     args = p.parse_args(argv)
     preset = dict(PRESETS[args.preset])
     if args.preset == "paper":
@@ -843,21 +887,37 @@ def parse_args(argv=None) -> tuple[PipelineConfig, str | None, str | None]:
     given = {f.name: getattr(args, f.name) for f in fields(PipelineConfig)
              if getattr(args, f.name, None) is not None}
     cfg = PipelineConfig(**{**{k: v for k, v in preset.items()}, **given})
-    for f in ("n_generate", "n_keep", "n_clusters", "batch_size", "buckets", "answer_tokens"):
-        if getattr(cfg, f) is not None and getattr(cfg, f) < 1:
-            p.error(f"--{f.replace('_', '-')} must be at least 1")
     if cfg.method not in SOFTSRV and (args.train_steps or args.stop_after == "train"):
         p.error(f"--train-steps / --stop-after train: method {cfg.method} trains no soft prompt")
     if cfg.target == "full" and cfg.method not in SOFTSRV:
         p.error(f"--target full: method {cfg.method} is not a SoftSRV method (np, mp, mc)")
-    if cfg.answer_samples < 1 or cfg.answer_attempts < 1:
-        p.error("need --answer-samples >= 1 and --answer-attempts >= 1")
     if cfg.answer_samples > 1 and (cfg.task != "gsm8k" or cfg.answer_temperature <= 0):
         p.error("--answer-samples > 1 (self-consistency) needs --task gsm8k and --answer-temperature > 0")
-    for f in ("ft_steps", "ft_checkpoints"):
-        if getattr(cfg, f) is not None and getattr(cfg, f) < 1:
-            p.error(f"--{f.replace('_', '-')} must be at least 1")
     return cfg, args.out, args.stop_after
+
+
+def command_line(cfg: PipelineConfig, out) -> str:
+    """The command that reproduces the run: task, method, preset, folder, and every setting that
+    differs from what the preset gives, as the option that sets it (an option added to parser()
+    and PipelineConfig is covered without a change here)."""
+    base, _, _ = parse_args(["--task", cfg.task, "--method", cfg.method, "--preset", cfg.preset])
+    by_dest = {a.dest: a for a in parser()._actions if a.option_strings}
+    words = ["python", "pipeline.py", "--task", cfg.task, "--method", cfg.method, "--preset", cfg.preset,
+             "--out", str(out)]
+    unset = []
+    for f in fields(PipelineConfig):
+        value = getattr(cfg, f.name)
+        if f.name in ("task", "method", "preset") or value == getattr(base, f.name):
+            continue
+        opt = by_dest.get(f.name)
+        if opt is None or value is None:
+            unset.append(f"{f.name}={value!r}")    # set in code, not by an option
+        elif isinstance(value, bool):
+            words += [opt.option_strings[0]] if value else []
+        else:
+            words += [opt.option_strings[0], *map(str, value if isinstance(value, (list, tuple)) else [value])]
+    cmd = " ".join(shlex.quote(w) for w in words)
+    return cmd + (f" (and, with no option for them: {', '.join(unset)})" if unset else "")
 
 
 def main(argv=None):

@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from data import atomic_write
+from data import atomic_write, read_json
 from model import CACHE_DIR, Transformer
 
 
@@ -269,9 +269,12 @@ def context_vectors(encoder: ContextEncoder, encoder_name: str, texts: list[str]
     key = hashlib.sha256(f"{encoder_name}|{encoder.max_tokens}|{encoder.model.dtype}|{data_fp}".encode()).hexdigest()[:20]
     path = CACHE_DIR / "contexts" / f"{key}.safetensors"
     if path.exists():
-        z = load_file(str(path))["z"]
-        if z.shape[0] == len(texts):
-            return z
+        try:
+            z = load_file(str(path))["z"]
+            if z.shape[0] == len(texts):
+                return z
+        except Exception:       # a damaged cache entry is only a cache miss: computed and rewritten
+            pass
     z = encoder(texts, progress=progress)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda p: save_file({"z": z.contiguous()}, str(p)))
@@ -309,41 +312,85 @@ def save_optimizer_state(out_dir, optimizer: torch.optim.Optimizer, step: int) -
     return sd["param_groups"]
 
 
-def _check_step(path: Path, step: int):
-    with safe_open(str(path), "pt") as f:
-        if int(f.metadata().get("step", -1)) != step:
-            raise ValueError(f"{path}: written at another step than {CKPT_CONFIG} (interrupted save); "
-                             f"delete the folder or train again")
+def _read_tensors(path: Path, step: int) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint's safetensors file, checked to be from the step its JSON names.
+    A missing, truncated or garbled file is one ValueError naming it."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            saved_step = int((f.metadata() or {}).get("step", -1))
+        tensors = load_file(str(path))
+    except FileNotFoundError:
+        raise ValueError(f"{path}: missing (the checkpoint is incomplete); delete the folder or train again") from None
+    except Exception as e:      # safetensors raises its own error type for a truncated or garbled file
+        raise ValueError(f"{path}: unreadable or truncated safetensors file ({str(e).splitlines()[0]}); "
+                         f"delete the folder or train again") from None
+    if saved_step != step:
+        raise ValueError(f"{path}: written at another step than {CKPT_CONFIG} (interrupted save); "
+                         f"delete the folder or train again")
+    return tensors
+
+
+def _read_record(ckpt_dir) -> dict:
+    """A checkpoint's JSON record, with the keys load_checkpoint needs checked (one line naming
+    the file and the key otherwise)."""
+    path = Path(ckpt_dir) / CKPT_CONFIG
+    if not path.exists():
+        raise ValueError(f"{Path(ckpt_dir)}: not a SoftSRV checkpoint (no {CKPT_CONFIG}; "
+                         f"train one with train.py --out {ckpt_dir})")
+    record = read_json(path)
+    if not isinstance(record, dict):
+        raise ValueError(f"{path}: a JSON {type(record).__name__}, not a checkpoint record; "
+                         f"delete the folder or train again")
+    missing = [k for k in ("step", "config", "method", "data_fingerprint", "soft_prompt") if k not in record]
+    sp = record.get("soft_prompt")
+    if isinstance(sp, dict):
+        missing += [f"soft_prompt.{k}" for k in ("kind", "t", "d", "d_e")
+                    + {"mp": ("k",), "mc": ("hidden",)}.get(sp.get("kind"), ()) if k not in sp]
+    elif sp is not None:
+        missing.append("soft_prompt (an object)")
+    if missing:
+        raise ValueError(f"{path}: damaged checkpoint record, missing {', '.join(missing)}; "
+                         f"delete the folder or train again")
+    if sp["kind"] not in ("np", "mp", "mc"):
+        raise ValueError(f"{path}: unknown soft prompt kind {sp['kind']!r} (np, mp, mc)")
+    return record
 
 
 def load_checkpoint(ckpt_dir) -> tuple[SoftPrompt, dict]:
     """Rebuild P_θ from a checkpoint folder; returns it (fp32, on the CPU) and the JSON record."""
     ckpt = Path(ckpt_dir)
-    if not (ckpt / CKPT_CONFIG).exists():
-        raise ValueError(f"{ckpt}: not a SoftSRV checkpoint (no {CKPT_CONFIG}; train one with train.py --out {ckpt})")
-    record = json.loads((ckpt / CKPT_CONFIG).read_text())
+    record = _read_record(ckpt)
     sp = record["soft_prompt"]
     zeros = torch.zeros(sp["t"], sp["d"])
     cls = {"np": SoftPromptNP, "mp": SoftPromptMP, "mc": SoftPromptMC}[sp["kind"]]
     kw = {"mp": {"k": sp["k"]}, "mc": {"hidden": sp["hidden"]}}.get(sp["kind"], {})
     prompt = cls(sp["t"], sp["d"], sp["d_e"], zeros, **kw)
-    _check_step(ckpt / CKPT_THETA, record["step"])
     try:
-        prompt.load_state_dict(load_file(str(ckpt / CKPT_THETA)))
+        prompt.load_state_dict(_read_tensors(ckpt / CKPT_THETA, record["step"]))
     except RuntimeError as e:   # e.g. a checkpoint of an older SS_MP layout
         raise ValueError(f"{ckpt / CKPT_THETA}: does not match {sp['kind'].upper()} with t={sp['t']} "
                          f"({str(e).splitlines()[1].strip()}); train it again") from None
     return prompt, record
 
 
+def theta_hash(ckpt_dir) -> str:
+    """Short sha256 of a checkpoint's θ file: which weights wrote a file of samples."""
+    h = hashlib.sha256()
+    with open(Path(ckpt_dir) / CKPT_THETA, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
 def load_optimizer_state(ckpt_dir, optimizer: torch.optim.Optimizer, record: dict):
     """Restore the optimizer state saved beside θ (for --resume)."""
     path = Path(ckpt_dir) / CKPT_STATE
-    _check_step(path, record["step"])
     state: dict = {}
-    for key, v in load_file(str(path)).items():
+    for key, v in _read_tensors(path, record["step"]).items():
         i, name = key.split(".", 1)
         state.setdefault(int(i), {})[name] = v
+    if not isinstance(record.get("optimizer_param_groups"), list):
+        raise ValueError(f"{Path(ckpt_dir) / CKPT_CONFIG}: no optimizer_param_groups to resume from; train again")
     try:
         optimizer.load_state_dict({"state": state, "param_groups": record["optimizer_param_groups"]})
     except ValueError as e:     # e.g. an SS_MP checkpoint from before its deviations had their own group

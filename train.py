@@ -22,16 +22,17 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import data
+import options
 from dist import all_sum, cli_errors, init_distributed, rank0_first
 from model import DEFAULT_MODEL, DTYPES, dtype_of, keep_freed_memory, load_model, load_tokenizer
 from softsrv import (CKPT_CONFIG, ContextEncoder, build_soft_prompt, context_vectors, load_checkpoint,
                      load_optimizer_state, lr_at, pad_targets, save_checkpoint, softsrv_loss)
 from sampling import sample
 
-# Paper (Sec. 3.3, SPEC §4): t = 128, 20K steps, Adam, lr 5e-6, MC 3x128 MLPs, MP k = 2. The paper
+# Paper (Sec. 3.3): t = 128, 20K steps, Adam, lr 5e-6, MC 3x128 MLPs, MP k = 2. The paper
 # does not give the batch size; 16 is assumed. The cpu preset changes, and why:
 # - prompt_len 16 instead of 128: every soft token is paid for on every step by a 2-core CPU; 16
-#   already reaches a clearly lower held-out loss (SPEC §4: 3.27 -> 2.41 for MC).
+#   already reaches a clearly lower held-out loss (README, "What the held-out loss shows").
 # - 250 steps of batch 8 instead of 20K: the whole job must fit in ~10 minutes on a CPU.
 # - lr 2.4e-2 (NP, MP) and 3e-3 (MC) instead of 5e-6: with 250 steps, 5e-6 would not move θ at all.
 #   Each is the best of a sweep on seed 0 (README): NP's held-out loss fell from 3e-3 up to 2.4e-2,
@@ -246,30 +247,31 @@ def parse_args(argv=None) -> tuple[TrainConfig, bool]:
     a("--param", choices=["np", "mp", "mc"], default="mc",
       help="parameterization: np = one prompt (Eq. 1), mp = mixture of k prompts (Eq. 2), "
            "mc = t MLPs of the context (Eq. 3). Default: mc")
-    a("--k", type=int, default=2, help="MPk: number of basis prompts (default 2)")
-    a("--prompt-len", type=int, help="t, the number of soft tokens (cpu 16, paper 128)")
-    a("--hidden", type=int, default=128, help="MC: hidden width of each 3-layer MLP (default 128)")
-    a("--steps", type=int, help="optimizer steps (cpu 250, paper 20000)")
-    a("--lr", type=float, help="peak AdamW learning rate (cpu: np/mp 2.4e-2, mc 3e-3; paper 5e-6)")
-    a("--warmup", type=int, help="linear warm-up steps before the cosine decay (cpu 10, paper 0)")
-    a("--batch-size", type=int, help="examples per step (cpu 8, paper 16)")
-    a("--mp-decay", type=float,
+    a("--k", type=options.count, default=2, help="MPk: number of basis prompts (default 2)")
+    a("--prompt-len", type=options.count, help="t, the number of soft tokens (cpu 16, paper 128)")
+    a("--hidden", type=options.count, default=128, help="MC: hidden width of each 3-layer MLP (default 128)")
+    a("--steps", type=options.count, help="optimizer steps (cpu 250, paper 20000)")
+    a("--lr", type=options.positive, help="peak AdamW learning rate (cpu: np/mp 2.4e-2, mc 3e-3; paper 5e-6)")
+    a("--warmup", type=options.count0, help="linear warm-up steps before the cosine decay (cpu 10, paper 0)")
+    a("--batch-size", type=options.count, help="examples per step (cpu 8, paper 16)")
+    a("--mp-decay", type=options.nonneg,
       help="SS_MP: AdamW weight decay on the bases' deviations from their mean, pulling the k bases together "
            "unless the data keeps them apart (cpu 3.0, best of 0/1/3 on seed 0; paper 0 = Eq. 2 as published)")
-    a("--max-tokens", type=int, help="cut each example to this many tokens (cpu 128, paper 512)")
-    a("--data", default="gsm8k",
-      help=f"registered dataset ({', '.join(data.DATASETS)}) or a .jsonl/.json/.txt file. Default: gsm8k "
-           "(offline: the part of the GSM8K test fold set aside as a stand-in train fold, see data.py)")
+    a("--max-tokens", type=options.count, help="cut each example to this many tokens (cpu 128, paper 512)")
+    a("--data", default="gsm8k", type=options.data_source(data.DATASETS),
+      help=f"registered dataset ({', '.join(data.DATASETS)}) or a .jsonl/.json/.txt file (recorded as an "
+           "absolute path). Default: gsm8k (offline: the part of the GSM8K test fold set aside as a stand-in "
+           "train fold, see data.py)")
     a("--field", help="text field of a .jsonl/.json file (dotted paths allowed; default 'text')")
     a("--split", default="train", help="split of a registered dataset (default train)")
-    a("--n-heldout", type=int, default=100,
+    a("--n-heldout", type=options.count, default=100,
       help="examples kept out of training to measure held-out reconstruction loss (default 100)")
-    a("--model", default=DEFAULT_MODEL,
+    a("--model", default=DEFAULT_MODEL, type=options.model,
       help=f"frozen backbone H: model folder, .gguf file, hub id, or the offline default (default {DEFAULT_MODEL})")
-    a("--embed-model", default=None, help="context encoder E's model (default: the same as --model)")
+    a("--embed-model", default=None, type=options.model, help="context encoder E's model (default: the same as --model)")
     a("--out", help="checkpoint folder (default out/ss_<param>)")
-    a("--seed", type=int, default=0, help="seed for initialization and batch order (default 0)")
-    a("--eval-every", type=int, help="steps between held-out evaluations and checkpoints (cpu 50, paper 1000)")
+    a("--seed", type=options.seed, default=0, help="seed for initialization and batch order (default 0)")
+    a("--eval-every", type=options.count, help="steps between held-out evaluations and checkpoints (cpu 50, paper 1000)")
     a("--dtype", choices=DTYPES, default="auto",
       help="backbone precision (default auto: bf16 where this machine runs it faster than fp32, measured "
            "at start-up; θ stays fp32)")
@@ -282,11 +284,6 @@ def parse_args(argv=None) -> tuple[TrainConfig, bool]:
         n_heldout=args.n_heldout, model=args.model, embed_model=args.embed_model or args.model,
         out=args.out or f"out/ss_{args.param}", seed=args.seed, dtype=args.dtype, preset=args.preset,
         **{k: getattr(args, k) if getattr(args, k) is not None else v for k, v in preset.items() if k != "lr"})
-    for f in ("steps", "batch_size", "prompt_len", "max_tokens", "eval_every", "k", "hidden"):
-        if getattr(cfg, f) < 1:
-            p.error(f"--{f.replace('_', '-')} must be at least 1")
-    if cfg.mp_decay < 0:
-        p.error("--mp-decay must be at least 0")
     if cfg.param != "mp":
         cfg.mp_decay = 0.0      # nothing of NP's or MC's θ is decayed; recorded as such
     return cfg, args.resume

@@ -86,8 +86,8 @@ def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
     if index.exists():
         try:
             files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError) as e:
-            raise ModelError(f"{index}: unreadable shard index ({e})") from None
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ModelError(f"{index}: unreadable shard index ({type(e).__name__}: {e})") from None
     elif (folder / "model.safetensors").exists():
         files = ["model.safetensors"]
     else:
@@ -371,17 +371,45 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
     return _from_hub(name)
 
 
+def _read_config(folder: Path) -> dict:
+    """A model folder's config.json; ModelError naming the file when it is not a JSON object."""
+    path = folder / "config.json"
+    try:
+        hf_cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:     # UnicodeDecodeError is a ValueError too
+        raise ModelError(f"{path}: not readable JSON ({e})") from None
+    if not isinstance(hf_cfg, dict):
+        raise ModelError(f"{path}: a JSON {type(hf_cfg).__name__}, not a model config object")
+    return hf_cfg
+
+
 def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype=torch.float32, device="cpu") -> Transformer:
     """A frozen decoder from a folder, a .gguf file, a hub id, or the offline default."""
     folder = resolve_model_dir(name_or_path)
-    try:
-        hf_cfg = json.loads((folder / "config.json").read_text())
-    except ValueError as e:
-        raise ModelError(f"{folder / 'config.json'}: not valid JSON ({e})") from None
-    cfg = ModelConfig.from_hf(hf_cfg, where=str(folder / "config.json"))
+    cfg = ModelConfig.from_hf(_read_config(folder), where=str(folder / "config.json"))
     model = build_model(cfg, _read_safetensors(folder), where=str(folder), dtype=dtype, device=device)
     model.name, model.source_dir = str(name_or_path), folder
     return model
+
+
+def check_model(name_or_path: str | os.PathLike) -> None:
+    """What load_model and load_tokenizer will need, checked without loading the weights: the
+    folder or file exists, config.json describes a supported model, each safetensors file's header
+    reads, the tokenizer loads. ModelError (one line naming the model or file) otherwise; a run
+    calls this before it records its settings."""
+    from safetensors import safe_open
+    folder = resolve_model_dir(name_or_path)
+    ModelConfig.from_hf(_read_config(folder), where=str(folder / "config.json"))
+    index = folder / "model.safetensors.index.json"
+    if not index.exists() and not (folder / "model.safetensors").exists():
+        raise ModelError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), "pt"):
+                pass
+        except Exception as e:      # safetensors raises its own error type for a truncated header
+            raise ModelError(f"{path}: unreadable or truncated safetensors file ({str(e).splitlines()[0]})") from None
+    load_tokenizer(name_or_path)
 
 
 def load_tokenizer(name_or_path: str | os.PathLike = DEFAULT_MODEL):
@@ -389,6 +417,6 @@ def load_tokenizer(name_or_path: str | os.PathLike = DEFAULT_MODEL):
     from tokenizer import Tokenizer
     folder = resolve_model_dir(name_or_path)
     has_files = any((folder / f).exists() for f in ("tokenizer.json", "vocab.json"))
-    if not has_files and json.loads((folder / "config.json").read_text()).get("model_type") == "gpt2":
+    if not has_files and _read_config(folder).get("model_type") == "gpt2":
         return Tokenizer.gpt2()       # a bare GPT-2 checkpoint: its BPE is the well-known one
     return Tokenizer.from_dir(folder)

@@ -219,7 +219,7 @@ def test_mbpp_end_to_end(tiny_backbone, tmp_path, monkeypatch):
     (["task", "nosuchtask"], "invalid choice"),
     (["task", "gsm8k", "--model", "/nonexistent/model", "--limit", "1"], "error: /nonexistent/model"),
     (["task", "humaneval", "--shots", "2"], "error: --shots 2: humaneval has no train fold"),
-    (["task", "gsm8k", "--limit", "0"], "error: need --shots >= 0"),
+    (["task", "gsm8k", "--limit", "0"], "error: argument --limit: must be at least 1, got 0"),
 ])
 def test_bad_input_is_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as e:

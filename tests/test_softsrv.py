@@ -394,14 +394,14 @@ def test_mp_decay_follows_the_preset_and_is_checked(capsys):
     assert parse_args(["--param", "np"])[0].mp_decay == 0.0          # only MP has deviations to decay
     with pytest.raises(SystemExit):
         parse_args(["--mp-decay", "-1"])
-    assert "--mp-decay must be at least 0" in capsys.readouterr().err
+    assert "argument --mp-decay: must be at least 0" in capsys.readouterr().err
 
 
 def test_checkpoint_of_another_layout_is_a_one_line_error(backbone, z, tmp_path):
     from softsrv import save_checkpoint
     model, _ = backbone
     prompt = build_soft_prompt("np", model, z.shape[1], t=4)
-    save_checkpoint(tmp_path, prompt, {}, step=1)
+    save_checkpoint(tmp_path, prompt, {"config": {}, "method": "SS_NP", "data_fingerprint": ""}, step=1)
     rec = json.loads((tmp_path / "config.json").read_text())
     rec["soft_prompt"].update(kind="mp", k=2)          # e.g. θ saved by an older SS_MP layout
     (tmp_path / "config.json").write_text(json.dumps(rec))
