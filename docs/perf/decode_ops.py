@@ -1,7 +1,7 @@
 """Fewer small ops per decode step: what rotating q and k as one tensor and a leaner fused_linear
-bought (README: Performance; run from the repo root):
+bought (docs/performance.md; run from the repo root):
 
-    python results/perf/decode_ops.py > results/perf/decode_ops.txt
+    python docs/perf/decode_ops.py > docs/perf/decode_ops.txt
 
 "before" is the decode path's code as it was at be88765 (Attention/MLP forward, the LM head,
 Transformer._rope and fused_linear for a bias-free Llama-family model), copied below: q and k
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-sys.path.insert(0, os.getcwd())
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))  # the repo root
 import model as M  # noqa: E402
 import sampling  # noqa: E402
 import softsrv  # noqa: E402

@@ -1,6 +1,6 @@
 """The bf16 packed GEMM in model.fused_linear (oneDNN), measured three ways (run from the repo root):
 
-    python results/perf/pack_bf16.py > results/perf/pack_bf16.txt
+    python docs/perf/pack_bf16.py > docs/perf/pack_bf16.txt
 
 1. One row against many distinct weights (40 per shape, so they do not sit in cache as in micro.py's
    section 1): GB/s of weights read by F.linear, the oneDNN-packed product and a plain sum over the
@@ -17,7 +17,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.getcwd())
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))  # the repo root
 import model as M  # noqa: E402
 import sampling  # noqa: E402
 import softsrv  # noqa: E402
