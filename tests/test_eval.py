@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import data
 import eval as ev
 from conftest import has_package
-from model import load_model, load_tokenizer
+from weights import load_model, load_tokenizer
 from sampling import cut_at, generate_from_ids, sample, stop_on
 from tokenizer import qa_answer_ids, qa_prompt_ids
 

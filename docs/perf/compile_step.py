@@ -26,14 +26,13 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))  # the repo root
-import model as M  # noqa: E402
 import sampling  # noqa: E402
-import softsrv  # noqa: E402
+import weights  # noqa: E402
 
 warnings.filterwarnings("ignore")
 torch._inductor.config.freezing = True       # weights become constants: inductor prepacks them
 torch.set_grad_enabled(False)
-m = M.load_model(M.DEFAULT_MODEL, dtype=torch.float32)
+m = weights.load_model(weights.DEFAULT_MODEL, dtype=torch.float32)
 cfg = m.cfg
 T0, N = 32, 48
 S = T0 + N

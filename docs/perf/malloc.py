@@ -17,7 +17,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))  # the repo root
 import bench  # noqa: E402
-from model import keep_freed_memory, load_model, resolve_model_dir  # noqa: E402
+from runtime import keep_freed_memory  # noqa: E402
+from weights import load_model, resolve_model_dir  # noqa: E402
 
 warnings.filterwarnings("ignore")
 mode, work = sys.argv[1], sys.argv[2]

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))  # the repo root
 import data  # noqa: E402
-from model import DEFAULT_MODEL, load_model, load_tokenizer  # noqa: E402
+from weights import DEFAULT_MODEL, load_model, load_tokenizer  # noqa: E402
 from sampling import draw, filter_logits, left_pad  # noqa: E402
 
 

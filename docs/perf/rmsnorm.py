@@ -7,9 +7,9 @@ model's RMSNorm and F.rms_norm four times each; tok/s sorted. Not adopted: no ga
 """
 import os, sys, time, torch, torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))  # the repo root
-import model as M, sampling
+import model as M, sampling, weights
 torch.set_grad_enabled(False)
-m = M.load_model(M.DEFAULT_MODEL, dtype=torch.float32)
+m = weights.load_model(weights.DEFAULT_MODEL, dtype=torch.float32)
 orig = M.RMSNorm.forward
 def fused(self, x):
     if self.unit_offset or x.dtype != torch.float32:
