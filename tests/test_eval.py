@@ -222,9 +222,8 @@ def test_bad_input_is_one_line(argv, message, capsys):
 
 
 def test_mauve_subcommand_delegates(monkeypatch):
-    import sys
     import types
     seen = []
-    monkeypatch.setitem(sys.modules, "mauve", types.SimpleNamespace(cli=lambda argv: seen.append(argv) or 0.5))
+    monkeypatch.setattr(ev, "mauve", types.SimpleNamespace(cli=lambda argv: seen.append(argv) or 0.5))
     assert ev.main(["mauve", "--gen", "a.jsonl", "--ref", "gsm8k:test", "--buckets", "32"]) == 0.5
     assert seen == [["--gen", "a.jsonl", "--ref", "gsm8k:test", "--buckets", "32"]]
