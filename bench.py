@@ -317,7 +317,7 @@ KEYS = ["decode_tok_s", "hf_decode_tok_s", "prefill_tok_s", "hf_prefill_tok_s", 
 
 
 def auto_dtype() -> str:
-    """The precision the project's `--dtype auto` picks on this machine (model.dtype_of)."""
+    """The precision the project's `--dtype auto` picks on this machine (runtime.dtype_of)."""
     return "bf16" if dtype_of("auto") == torch.bfloat16 else "fp32"
 
 

@@ -1,4 +1,4 @@
-"""What model.keep_freed_memory() buys (docs/performance.md; run from the repo root)
+"""What runtime.keep_freed_memory() buys (docs/performance.md; run from the repo root)
 
     for w in train finetune prefill decode64; do for m in default keep default keep; do
         python docs/perf/malloc.py $m $w; done; done > docs/perf/malloc.txt
