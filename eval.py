@@ -37,10 +37,13 @@ from tqdm import tqdm
 
 import data
 import options
-from model import DEFAULT_MODEL, DTYPES, dtype_of, keep_freed_memory, load_model, load_tokenizer
+import mauve
+import sandbox
 from data import atomic_write
+from runtime import DTYPES, dtype_of, keep_freed_memory
 from sampling import cut_at, generate_from_ids, stop_on
 from tokenizer import PLAIN_QA, qa_answer_ids, qa_prompt_ids
+from weights import DEFAULT_MODEL, load_model, load_tokenizer
 
 
 # ----------------------------------------------------------------------------------------------
@@ -188,17 +191,7 @@ def mbpp_prompt(shots: list[data.Example], e: data.Example) -> str:
     return demos + _mbpp_task(e)
 
 
-def _sandbox():
-    try:
-        import sandbox
-    except ImportError:
-        raise ValueError("this task runs model-written code, which needs sandbox.py "
-                         "(not in this checkout yet)") from None
-    return sandbox
-
-
 def run_mbpp(model, tok, items, shots, batch_size):
-    sandbox = _sandbox()
     prompts = [tok.encode(mbpp_prompt(shots, e)) for e in items]
     gen = generate_from_ids(model, prompts, 384, tok.eos_id, stop=stop_on(tok, MBPP_STOPS),
                             batch_size=batch_size, progress=True)
@@ -217,7 +210,6 @@ HUMANEVAL_STOPS = ["\ndef ", "\nclass ", "\nif __name__", "\nprint("]
 
 
 def run_humaneval(model, tok, items, shots, batch_size):
-    sandbox = _sandbox()
     gen = generate_from_ids(model, [tok.encode(e.text) for e in items], 384, tok.eos_id,
                             stop=stop_on(tok, HUMANEVAL_STOPS), batch_size=batch_size, progress=True)
     completions = [cut_at(tok.decode(g), HUMANEVAL_STOPS) for g in gen]
@@ -384,7 +376,6 @@ def mbpp_bind_entry_point(code: str, entry: str | None) -> str:
 def run_mbpp_chat(model, tok, items, batch_size):
     """MBPP pass@1 in the chat format: mbpp_code of the answer, bound to the tests' function name,
     run against the asserts in the sandbox as run_mbpp does."""
-    sandbox = _sandbox()
     out = chat_answers(model, tok, items, MBPP_CHAT_TOKENS, batch_size)
     codes = [mbpp_bind_entry_point(mbpp_code(r["chat_completion"]), mbpp_entry_point(e.meta["test_list"]))
              for e, r in zip(items, out)]
@@ -560,10 +551,6 @@ def evaluate_task(task: str, model: str, limit: int | None = None, shots: int | 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["mauve"]:  # MAUVE has its own options (mauve.py); pass them through untouched
-        try:
-            import mauve
-        except ImportError:
-            sys.exit("error: eval.py mauve needs mauve.py, which is not in this checkout")
         return mauve.cli(argv[1:])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)

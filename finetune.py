@@ -33,9 +33,10 @@ from tqdm import tqdm
 
 import data
 import options
-from model import DEFAULT_MODEL, DTYPES, dtype_of, keep_freed_memory, load_model, load_tokenizer, save_model
+from runtime import DTYPES, dtype_of, keep_freed_memory
 from softsrv import CKPT_STATE, load_optimizer_state, lr_at, save_optimizer_state
 from tokenizer import qa_answer_ids, qa_prompt_ids
+from weights import DEFAULT_MODEL, load_model, load_tokenizer, save_model
 
 STATE_JSON = "finetune.json"
 

@@ -26,11 +26,12 @@ from tqdm import tqdm
 
 import data
 import options
-from model import DTYPES, dtype_of, keep_freed_memory, load_model, load_tokenizer
 from dist import append_in_rounds, cli_errors, init_distributed, rank0_first
+from runtime import DTYPES, dtype_of, keep_freed_memory
 from sampling import sample
 from softsrv import ContextEncoder, context_vectors, load_checkpoint, theta_hash
 from train import TrainConfig, load_training_data
+from weights import load_model, load_tokenizer
 
 
 def generate(ckpt: str, n: int, out: str | None = None, temperature: float = 1.0, top_p: float = 1.0,

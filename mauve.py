@@ -29,7 +29,8 @@ import numpy as np
 
 import data
 import options
-from model import DEFAULT_MODEL, DTYPES, dtype_of, keep_freed_memory
+from runtime import DTYPES, dtype_of, keep_freed_memory
+from weights import DEFAULT_MODEL, load_model, load_tokenizer
 
 PLOT_REQUIREMENT = "matplotlib==3.11.2"          # requirements-plot.txt: the optional extra for --plot
 
@@ -143,7 +144,6 @@ def compute_mauve(p_features, q_features, num_buckets="auto", pca_explained_var:
 def _encoder(model: str, dtype: str, max_tokens: int, batch_size: int):
     """E for `model`, loaded once per process (featurizing p and q shares it)."""
     import torch
-    from model import load_model, load_tokenizer
     from softsrv import ContextEncoder
     device = "cuda" if torch.cuda.is_available() else "cpu"
     lm = load_model(model, dtype=dtype_of(dtype, device), device=device)

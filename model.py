@@ -13,24 +13,18 @@ Three families share one code path, chosen by `ModelConfig.arch` and its flags:
   sliding-window layers (Gemma 2); QK-norm, 5 local : 1 global layers with their own RoPE bases
   (Gemma 3 text).
 
-Finding, converting and loading weights lives in weights.py; `from model import load_model,
-load_tokenizer, save_model, ...` keeps working through the module __getattr__ at the end.
+This module is the architecture only: reading a Hugging Face config.json into a `ModelConfig`, and
+finding, converting and loading weights, live in weights.py; the precision choice in runtime.py.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-# What Gemma3TextConfig assumes when a (multimodal) gemma3 config.json leaves a key out.
-GEMMA3_TEXT_DEFAULTS = dict(vocab_size=262_208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
-                            num_attention_heads=8, num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256,
-                            max_position_embeddings=131_072, rms_norm_eps=1e-6, sliding_window=4096,
-                            rope_theta=1_000_000.0, rope_local_base_freq=10_000.0)
 
 
 class ModelError(ValueError):
@@ -72,80 +66,6 @@ class ModelConfig:
     rope_local_theta: float | None = None  # Gemma 3: RoPE base of the local layers (None: rope_theta)
     rope_local_scaling: dict | None = None
     model_type: str = ""           # the Hugging Face model_type it came from, for the record
-    extra: dict = field(default_factory=dict)
-
-    @classmethod
-    def from_hf(cls, hf: dict, where: str = "config.json") -> "ModelConfig":
-        mt = hf.get("model_type", "")
-        try:
-            if mt == "gpt2":
-                d = hf["n_embd"]
-                return cls(arch="gpt2", vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
-                           n_head=hf["n_head"], n_kv_head=hf["n_head"], d_model=d,
-                           d_ff=hf.get("n_inner") or 4 * d, head_dim=d // hf["n_head"],
-                           max_seq_len=hf["n_positions"], norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-                           tie_embeddings=hf.get("tie_word_embeddings", True), qkv_bias=True,
-                           o_bias=True, mlp_bias=True, model_type=mt)
-            if mt in ("llama", "qwen2", "mistral"):
-                # transformers 5.x moves rope_theta (and the scaling) into `rope_parameters`.
-                rp = hf.get("rope_parameters") or {}
-                theta = hf.get("rope_theta", rp.get("rope_theta", 10000.0))
-                scaling = hf.get("rope_scaling") or (rp if rp.get("rope_type", "default") != "default" else None)
-                n_head = hf["num_attention_heads"]
-                attn_bias = hf.get("attention_bias", False)
-                return cls(arch="llama", vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"],
-                           n_head=n_head, n_kv_head=hf.get("num_key_value_heads") or n_head,
-                           d_model=hf["hidden_size"], d_ff=hf["intermediate_size"],
-                           head_dim=hf.get("head_dim") or hf["hidden_size"] // n_head,
-                           max_seq_len=hf.get("max_position_embeddings", 2048),
-                           norm_eps=hf.get("rms_norm_eps", 1e-6),
-                           tie_embeddings=hf.get("tie_word_embeddings", False),
-                           qkv_bias=(mt == "qwen2") or attn_bias, o_bias=attn_bias and mt != "qwen2",
-                           mlp_bias=hf.get("mlp_bias", False), rope_theta=float(theta),
-                           rope_scaling=scaling, model_type=mt)
-            if mt in ("gemma", "gemma2", "gemma3_text", "gemma3"):
-                return cls._from_hf_gemma(hf, mt)
-        except KeyError as e:
-            raise ModelError(f"{where}: model_type '{mt}' needs the key {e} and it is missing") from None
-        raise ModelError(f"{where}: unknown architecture model_type='{mt}' "
-                         f"(supported: gpt2, llama, qwen2, mistral, gemma, gemma2, gemma3_text, gemma3)")
-
-    @classmethod
-    def _from_hf_gemma(cls, hf: dict, mt: str) -> "ModelConfig":
-        if mt == "gemma3":  # the multimodal checkpoint: its text config relies on the class defaults
-            hf, mt = {**GEMMA3_TEXT_DEFAULTS, **hf.get("text_config", {})}, "gemma3_text"
-        n_layer, n_head = hf["num_hidden_layers"], hf["num_attention_heads"]
-        head_dim = hf.get("head_dim") or hf["hidden_size"] // n_head
-        layer_types = hf.get("layer_types")
-        if layer_types is None and mt != "gemma":  # older configs give the period: every n-th is global
-            every = 2 if mt == "gemma2" else hf.get("sliding_window_pattern", 6)
-            layer_types = ["full_attention" if (i + 1) % every == 0 else "sliding_attention" for i in range(n_layer)]
-        local = tuple(i for i, t in enumerate(layer_types or []) if t == "sliding_attention")
-        rp = hf.get("rope_parameters") or {}
-        default = lambda p: None if p.get("rope_type", p.get("type", "default")) == "default" else p
-        if "full_attention" in rp:      # transformers 5.x: RoPE settings keyed by layer type
-            glob, loc = rp["full_attention"], rp.get("sliding_attention", {})
-            theta, scaling = glob.get("rope_theta", 1e6), default(glob)
-            local_theta, local_scaling = loc.get("rope_theta", 1e4), default(loc)
-        else:                           # hub files: top-level rope_theta, rope_local_base_freq, rope_scaling
-            theta = hf.get("rope_theta", rp.get("rope_theta", 1e6 if mt == "gemma3_text" else 1e4))
-            scaling = hf.get("rope_scaling") or (default(rp) if rp else None)
-            local_theta = hf.get("rope_local_base_freq", 1e4) if mt == "gemma3_text" else None
-            local_scaling = None
-        return cls(arch="gemma", vocab_size=hf["vocab_size"], n_layer=n_layer, n_head=n_head,
-                   n_kv_head=hf.get("num_key_value_heads") or n_head, d_model=hf["hidden_size"],
-                   d_ff=hf["intermediate_size"], head_dim=head_dim,
-                   max_seq_len=hf.get("max_position_embeddings", 8192), norm_eps=hf.get("rms_norm_eps", 1e-6),
-                   tie_embeddings=hf.get("tie_word_embeddings", True), qkv_bias=hf.get("attention_bias", False),
-                   o_bias=hf.get("attention_bias", False), rope_theta=float(theta), rope_scaling=scaling,
-                   embed_scale=True, norm_unit_offset=True, mlp_act="gelu_tanh",
-                   sandwich_norm=mt != "gemma", qk_norm=mt == "gemma3_text",
-                   query_scale=hf.get("query_pre_attn_scalar", head_dim) ** -0.5 if mt != "gemma" else None,
-                   attn_softcap=hf.get("attn_logit_softcapping") if mt != "gemma" else None,
-                   final_softcap=hf.get("final_logit_softcapping") if mt != "gemma" else None,
-                   sliding_window=(hf.get("sliding_window") or hf.get("sliding_window_size")) if local else None,
-                   local_layers=local, rope_local_theta=None if local_theta is None else float(local_theta),
-                   rope_local_scaling=local_scaling, model_type=mt)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -176,85 +96,17 @@ def rope_inv_freq(cfg: ModelConfig, local: bool = False) -> torch.Tensor:
     raise ModelError(f"config.json: rope scaling type '{kind}' is not supported (default, linear, llama3)")
 
 
-DTYPES = ("auto", "bf16", "fp32")
-_AUTO_DTYPE: dict[str, torch.dtype] = {}
-
-
-def dtype_of(name: str, device: str = "cpu") -> torch.dtype:
-    """'bf16' | 'fp32' | 'auto' -> torch dtype. 'auto' = bf16 where this device's matmuls are faster
-    in it: measured once per process on CPUs, because bf16 is ~4-7x faster than fp32 with AMX or
-    fast avx512_bf16 but SLOWER than fp32 on CPUs that emulate it (README: Performance)."""
-    if name != "auto":
-        return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
-    kind = torch.device(device).type
-    if kind not in _AUTO_DTYPE:
-        if kind == "cuda":
-            _AUTO_DTYPE[kind] = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-        else:
-            _AUTO_DTYPE[kind] = torch.bfloat16 if _bf16_speedup() > 1.25 else torch.float32
-    return _AUTO_DTYPE[kind]
-
-
-def keep_freed_memory() -> bool:
-    """Make glibc's malloc keep freed memory for reuse instead of handing it back to the OS.
-
-    Why: glibc serves blocks above its mmap threshold (32 MB at most) with fresh mappings and unmaps
-    them on free, so each training step's big activations and gradients (the up to [8, 128, 49152]
-    fp32 logits of a SoftSRV step are ~200 MB) come back as new pages the kernel must fault in and zero:
-    ~120K page faults (~490 MB) per SoftSRV step, ~460K per fine-tuning step. Measured here: SoftSRV
-    steps 4-8% faster, fine-tuning steps 15-29%, decode unchanged (results/perf/malloc.txt). The cost:
-    the process keeps its peak heap until it exits. True if applied; a no-op off Linux/glibc.
-    """
-    import ctypes
-    import sys
-    if sys.platform != "linux":
-        return False
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):   # musl or another libc
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-    # No mmap for big blocks (they come from the heap and go back to it), and never shrink the heap.
-    return bool(mallopt(M_MMAP_MAX, 0)) & bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))   # both, always
-
-
-def _bf16_speedup() -> float:
-    """fp32 time / bf16 time of one small MLP + norm + attention step (a 135M model's shapes) at
-    16 and 256 rows. One thread, interleaved rounds, best of each: with all threads, a busy machine's
-    oversubscription swamps the difference; per-thread kernel speed is what the dtype changes."""
-    import time
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    best = {}
-    try:
-        for rows in (16, 256):
-            ws, x = [torch.randn(1536, 576), torch.randn(1536, 576), torch.randn(576, 1536)], torch.randn(rows, 576)
-            pairs = {torch.float32: (x, ws), torch.bfloat16: (x.bfloat16(), [w.bfloat16() for w in ws])}
-            for _ in range(5):
-                for dt, (xx, (wg, wu, wd)) in pairs.items():
-                    t = time.perf_counter()
-                    for _ in range(3):
-                        y = F.linear(F.silu(F.linear(xx, wg)) * F.linear(xx, wu), wd) + xx
-                        y = y * torch.rsqrt(y.float().pow(2).mean(-1, keepdim=True) + 1e-6).to(dt)
-                        q = y.view(1, rows, 9, 64).transpose(1, 2)
-                        F.scaled_dot_product_attention(q, q, q, is_causal=True)
-                    best[rows, dt] = min(best.get((rows, dt), math.inf), time.perf_counter() - t)
-    finally:
-        torch.set_num_threads(threads)
-    return sum(best[r, torch.float32] for r in (16, 256)) / sum(best[r, torch.bfloat16] for r in (16, 256))
-
-
 _MKL_PACK = torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight")
 _ONEDNN_PACK_BF16 = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
                      and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def _use_packed_gemm(x: torch.Tensor, w: torch.Tensor, rows: int) -> bool:
-    """Whether a frozen weight's product with these rows takes a prepacked GEMM (README: Performance):
-    fp32 through MKL's packed GEMM at 4-256 rows (below 4 rows, memory-bound, and from a few hundred
-    rows, where the pack's cost is amortized anyway, it is no faster; for the LM head at 512 rows
-    slower); bf16 through oneDNN's at 1-128 rows (x1.1-2 here; no gain at 256). Neither has a
-    backward, so not where x's gradient is wanted."""
+    """Whether a frozen weight's product with these rows takes a prepacked GEMM (docs/performance.md):
+    fp32 through MKL's packed GEMM at 4-256 rows (below 4 rows the product is memory-bound, and from
+    a few hundred rows the pack's cost is amortized anyway, so it gains nothing there, or loses);
+    bf16 through oneDNN's at 1-128 rows (beyond that it stops paying). Neither has a backward, so
+    not where x's gradient is wanted."""
     if not x.is_cpu or x.dtype != w.dtype or (x.requires_grad and torch.is_grad_enabled()):
         return False
     if x.dtype == torch.float32:
@@ -267,15 +119,15 @@ def fused_linear(x: torch.Tensor, layers: list[nn.Module]) -> torch.Tensor:
     on a prepacked weight where that pays: their outputs side by side in the last dimension.
 
     Why: a decode step's matmuls have a few rows, and on a CPU each call pays a fixed cost: thread
-    start-up, and repacking the weight into the BLAS kernel's layout, which costs as much as the
-    product itself at 16 rows. So frozen weights are concatenated (2 calls instead of 5 per block)
+    start-up, and repacking the weight into the BLAS kernel's layout, which at a few rows costs as
+    much as the product itself. So frozen weights are concatenated (2 calls instead of 5 per block)
     and packed once into the GEMM kernel's layout (the packed GEMMs torch.compile's freezing uses:
-    MKL's for fp32, oneDNN's for bf16): fp32 1.3-4.6x faster matmuls at 4-64 rows, bf16 1.1-2.2x at
-    1-64 (README: Performance). The cached copies are rebuilt when a weight changes (moved, cast or
+    MKL's for fp32, oneDNN's for bf16), which makes the few-row matmuls of decoding several times
+    faster (docs/performance.md, docs/perf/micro.py). The cached copies are rebuilt when a weight changes (moved, cast or
     updated in place); weights being trained (fine-tuning) take plain matmuls. Layers need a
     `weight` parameter; a missing `bias` counts as none, so the tied LM head passes its nn.Embedding.
     """
-    # Not lin.weight: Module.__getattr__ is slow next to a dict lookup, and a decode step makes 121 of these calls.
+    # Not lin.weight: Module.__getattr__ is slow next to a dict lookup, and a decode step makes a few of these calls per block.
     ws = [lin._parameters["weight"] for lin in layers]
     if any(w.requires_grad for w in ws):
         ys = [F.linear(x, w, lin._parameters.get("bias")) for w, lin in zip(ws, layers)]
@@ -582,11 +434,3 @@ class Transformer(nn.Module):
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         return KVCache(self.cfg, batch, max_len, dtype=self.dtype, device=self.device)
 
-
-def __getattr__(name):
-    # The loading half (weights.py) imports this module, so it is reached lazily, not at import time.
-    import weights
-    try:
-        return getattr(weights, name)
-    except AttributeError:
-        raise AttributeError(f"module 'model' has no attribute '{name}'") from None

@@ -43,9 +43,10 @@ import answers
 import data
 import options
 from dist import append_in_rounds, cli_errors, init_distributed, local_threads, rank0_first
-from model import DEFAULT_MODEL, DTYPES, check_model, dtype_of, keep_freed_memory, load_model, load_tokenizer
+from runtime import DTYPES, dtype_of, keep_freed_memory
 from sampling import cut_at, generate_from_ids, stop_on
 from tokenizer import qa_prompt_ids
+from weights import DEFAULT_MODEL, check_model, load_model, load_tokenizer
 
 TASKS = ("gsm8k", "mbpp", "boolq")
 METHODS = ("np", "mp", "mc", "pt", "pt_sr", "train")
@@ -106,11 +107,12 @@ TEMPLATES = {
 
 # paper: 100K generated -> 50K kept (GSM8K, MBPP) / 20K (BoolQ), 700 clusters of 100-dim TF-IDF/SVD
 # features, Gemma 2B fine-tuned with batch 16 x 8192 tokens, lr 1e-6 after 100 warm-up steps.
-# cpu: what 2 cores finish in about an hour for one (task, method) with the 135M offline models
-# (measured per step in results/; the fine-tuning and the 5-shot evaluation dominate):
-# - 1,000 questions generated, 500 kept: the answering LM then writes ~500 answers (~10 min) and the
-#   fine-tuning sees ~120K tokens (~15 min); clusters scaled like the paper's 700 per 100K -> 50.
-# - SoftSRV sampling: temperature 1 (the paper's) with top-p 0.9: the sweep in results/sampling_sweep/README.md.
+# cpu: what 2 cores finish for one (task, method) with the 135M offline models (each step's wall
+# time is in the run's state.json and report.md, results/ has two; the fine-tuning and the 5-shot
+# evaluation dominate):
+# - 1,000 questions generated, 500 kept: the answers to them and the fine-tuning on them are the
+#   long steps, so these counts set a run's length; clusters scaled like the paper's 700 per 100K -> 50.
+# - SoftSRV sampling: temperature 1 (the paper's) with top-p 0.9: see docs/sampling_sweep/README.md.
 # - 5-shot GSM8K on 100 of the 330 held-out items per checkpoint; answer loss on the same 100.
 PRESETS = {
     "tiny": dict(train_steps=4, prompt_len=4, n_heldout=8, n_generate=24, n_keep=12, n_clusters=4, svd_dims=8,
@@ -415,7 +417,7 @@ def generate_pt(run: Run, n_completions: int, train_ex: list[data.Example]) -> l
     """PT (Sec. 3.2): Fig. 8's template filled with train questions round-robin; each completion is
     parsed into its numbered questions. The template ends with the cue "Question 1:", a prompt to be
     continued, so it goes in as plain text: SmolLM2-135M-Instruct then continues the numbered list,
-    while as a chat turn it mostly answers with one question (README, "The pipeline")."""
+    while as a chat turn it mostly answers with one question (docs/presets.md)."""
     cfg = run.cfg
     model = load_model(cfg.generator, dtype=dtype_of(cfg.dtype, run.device), device=run.device)
     tok = load_tokenizer(cfg.generator)

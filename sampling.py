@@ -30,10 +30,10 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     """Set to -inf every logit outside the top-k and outside the top-p nucleus.
 
     The nucleus is the smallest set of most likely tokens whose mass reaches top_p. Sorting the
-    whole vocabulary for it costs ~2 ms per row and step on a CPU (49K entries; more than the
-    decode step itself at batch 64), so each row's candidates come from a top-k that grows
-    (256, 2048, then the full sort) until it holds that row's nucleus: for a real LM's next-token
-    distributions almost always the first (README: Performance).
+    whole vocabulary for it, every row and every step, can cost a CPU more than the rest of the
+    decode step, so each row's candidates come from a top-k that grows (256, 2048, then the full
+    sort) until it holds that row's nucleus: for a real LM's next-token distributions almost
+    always the first (docs/performance.md).
     """
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
@@ -61,7 +61,8 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch
     """One token per row of probs [B, V] by inverting the CDF with one uniform number per row.
 
     Exactly the categorical distribution, like torch.multinomial, which on a CPU instead draws an
-    exponential for every vocabulary entry (~70 ms per step at batch 64 against ~1 ms for this).
+    exponential for every vocabulary entry: at a large batch that dominates a decode step
+    (docs/performance.md).
     """
     cdf = probs.cumsum(-1)
     total = cdf[..., -1:].contiguous()                  # [B, 1]: searchsorted wants it contiguous

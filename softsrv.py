@@ -22,7 +22,8 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from data import atomic_write, read_json
-from model import CACHE_DIR, Transformer
+from model import Transformer
+from weights import CACHE_DIR
 
 
 # ----------------------------------------------------------------------------------------------
@@ -129,7 +130,7 @@ class SoftPromptMP(SoftPrompt):
     1/k of them. D alone is weight-decayed (`param_groups`): each basis fits its own mode's
     examples, and on a small target sample that overfits (lower training loss than NP, higher
     held-out loss), so the bases stay apart only where the data keeps pulling them apart.
-    (The README compares the variants tried.)
+    (docs/heldout_loss.md compares the variants tried.)
     """
     kind = "mp"
 

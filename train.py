@@ -3,7 +3,7 @@
     python train.py                              # SS_MC on GSM8K questions, offline default model
     python train.py --param np --out out/ss_np   # the non-contextual baseline
     python train.py --preset paper               # the paper's settings (TPU-scale: days on a CPU)
-    torchrun --nproc_per_node=2 train.py ...     # data-parallel over θ (README: Performance)
+    torchrun --nproc_per_node=2 train.py ...     # data-parallel over θ (docs/distributed.md)
 
 Loop: z_i = E(x_i) is computed once and cached; each step draws a batch, builds P_θ(z_i), and
 minimizes the causal cross-entropy of x_i given P_θ(z_i) as the only prefix of the frozen H.
@@ -24,22 +24,23 @@ from tqdm import tqdm
 import data
 import options
 from dist import all_sum, cli_errors, init_distributed, rank0_first
-from model import DEFAULT_MODEL, DTYPES, dtype_of, keep_freed_memory, load_model, load_tokenizer
+from runtime import DTYPES, dtype_of, keep_freed_memory
+from sampling import sample
 from softsrv import (CKPT_CONFIG, ContextEncoder, build_soft_prompt, context_vectors, load_checkpoint,
                      load_optimizer_state, lr_at, pad_targets, save_checkpoint, softsrv_loss)
-from sampling import sample
+from weights import DEFAULT_MODEL, load_model, load_tokenizer
 
 # Paper (Sec. 3.3): t = 128, 20K steps, Adam, lr 5e-6, MC 3x128 MLPs, MP k = 2. The paper
 # does not give the batch size; 16 is assumed. The cpu preset changes, and why:
 # - prompt_len 16 instead of 128: every soft token is paid for on every step by a 2-core CPU; 16
-#   already reaches a clearly lower held-out loss (README, "What the held-out loss shows").
-# - 250 steps of batch 8 instead of 20K: the whole job must fit in ~10 minutes on a CPU.
+#   already reaches a clearly lower held-out loss (docs/heldout_loss.md).
+# - 250 steps of batch 8 instead of 20K: the whole job must fit in minutes on a CPU (docs/performance.md).
 # - lr 2.4e-2 (NP, MP) and 3e-3 (MC) instead of 5e-6: with 250 steps, 5e-6 would not move θ at all.
-#   Each is the best of a sweep on seed 0 (README): NP's held-out loss fell from 3e-3 up to 2.4e-2,
+#   Each is the best of a sweep on seed 0 (docs/heldout_loss.md): NP's held-out loss fell from 3e-3 up to 2.4e-2,
 #   rose at 4.8e-2; MC's MLPs amplify updates, so it wants less.
 # - max_tokens 128: GSM8K questions are almost all shorter, and it bounds a step's cost.
 # - mp_decay 3 instead of none: on the 889 offline questions MP2's bases overfit their modes (see
-#   SoftPromptMP); best of 0/1/3 on seed 0, and ahead of NP on seeds 1 and 2 as well (README).
+#   SoftPromptMP); best of 0/1/3 on seed 0, and ahead of NP on seeds 1 and 2 as well (docs/heldout_loss.md).
 PRESETS = {
     "cpu": dict(prompt_len=16, steps=250, batch_size=8, lr={"np": 2.4e-2, "mp": 2.4e-2, "mc": 3e-3},
                 max_tokens=128, eval_every=50, warmup=10, mp_decay=3.0),

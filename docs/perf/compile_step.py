@@ -1,9 +1,9 @@
-"""Does a decode step written FOR torch.compile pay? (README: Performance; run from the repo root)
+"""Does a decode step written FOR torch.compile pay? (docs/performance.md; run from the repo root)
 
-    python results/perf/compile_step.py 64 16 > results/perf/compile_step.txt
-    python results/perf/compile_step.py 1 >> results/perf/compile_step.txt
-    python results/perf/compile_step.py --dynamic 64 16 >> results/perf/compile_step.txt
-    python results/perf/compile_step.py --profile 64 >> results/perf/compile_step.txt
+    python docs/perf/compile_step.py 64 16 > docs/perf/compile_step.txt
+    python docs/perf/compile_step.py 1 >> docs/perf/compile_step.txt
+    python docs/perf/compile_step.py --dynamic 64 16 >> docs/perf/compile_step.txt
+    python docs/perf/compile_step.py --profile 64 >> docs/perf/compile_step.txt
 
 compile.py compiled the model's own hidden_states and got nothing: dynamo breaks the graph at the
 mask logic and recompiles per layer. This is the step a compiler wants, for a Llama-family model
@@ -25,15 +25,14 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.getcwd())
-import model as M  # noqa: E402
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))  # the repo root
 import sampling  # noqa: E402
-import softsrv  # noqa: E402
+import weights  # noqa: E402
 
 warnings.filterwarnings("ignore")
 torch._inductor.config.freezing = True       # weights become constants: inductor prepacks them
 torch.set_grad_enabled(False)
-m = M.load_model(M.DEFAULT_MODEL, dtype=torch.float32)
+m = weights.load_model(weights.DEFAULT_MODEL, dtype=torch.float32)
 cfg = m.cfg
 T0, N = 32, 48
 S = T0 + N

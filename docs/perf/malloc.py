@@ -1,7 +1,7 @@
-"""What model.keep_freed_memory() buys (README: Performance; run from the repo root)
+"""What runtime.keep_freed_memory() buys (docs/performance.md; run from the repo root)
 
     for w in train finetune prefill decode64; do for m in default keep default keep; do
-        python results/perf/malloc.py $m $w; done; done > results/perf/malloc.txt
+        python docs/perf/malloc.py $m $w; done; done > docs/perf/malloc.txt
 
 One bench workload (bench.py's, fp32), ours and transformers', in a fresh process with glibc's
 default malloc settings or with keep_freed_memory() applied first: tok/s (median of 3 calls after a
@@ -15,9 +15,10 @@ import warnings
 
 import torch
 
-sys.path.insert(0, os.getcwd())
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))  # the repo root
 import bench  # noqa: E402
-from model import keep_freed_memory, load_model, resolve_model_dir  # noqa: E402
+from runtime import keep_freed_memory  # noqa: E402
+from weights import load_model, resolve_model_dir  # noqa: E402
 
 warnings.filterwarnings("ignore")
 mode, work = sys.argv[1], sys.argv[2]

@@ -1,7 +1,7 @@
 """Fewer small ops per decode step: what rotating q and k as one tensor and a leaner fused_linear
-bought (README: Performance; run from the repo root):
+bought (docs/performance.md; run from the repo root):
 
-    python results/perf/decode_ops.py > results/perf/decode_ops.txt
+    python docs/perf/decode_ops.py > docs/perf/decode_ops.txt
 
 "before" is the decode path's code as it was at be88765 (Attention/MLP forward, the LM head,
 Transformer._rope and fused_linear for a bias-free Llama-family model), copied below: q and k
@@ -23,10 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-sys.path.insert(0, os.getcwd())
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))  # the repo root
 import model as M  # noqa: E402
+import runtime  # noqa: E402
 import sampling  # noqa: E402
 import softsrv  # noqa: E402
+import weights  # noqa: E402
 
 
 def rotate_half(x):
@@ -130,9 +132,9 @@ def ops_per_step(m):
 
 
 print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load {os.getloadavg()[0]:.2f}")
-M.keep_freed_memory()
+runtime.keep_freed_memory()
 for dtype in (torch.float32, torch.bfloat16):
-    m = M.load_model(M.DEFAULT_MODEL, dtype=dtype)
+    m = weights.load_model(weights.DEFAULT_MODEL, dtype=dtype)
     assert m.cfg.arch == "llama" and not m.cfg.qkv_bias and m.lm_head is None   # what the copies above cover
     counts = {}
     for which in PATCHES:

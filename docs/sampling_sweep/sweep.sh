@@ -2,7 +2,7 @@
 # Sampling sweep for the cpu preset (issue 9): 330 SS_MC samples per setting from the pipeline's
 # trained checkpoint, then MAUVE (32 buckets and 10, k-means seeds 1-5) against non-test data.
 set -e
-cd /work/wt/R
+cd "$(dirname "$0")/../.."  # the repo root
 CK=/work/main/runs/gsm8k-mc/softsrv
 S=/work/main/runs/sweep
 until grep -q '"train"' /work/main/runs/gsm8k-mc/state.json 2>/dev/null; do sleep 20; done

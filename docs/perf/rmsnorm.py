@@ -1,15 +1,15 @@
-"""Does fusing RMSNorm (F.rms_norm, one op instead of seven) speed up decode? (README: Performance)
+"""Does fusing RMSNorm (F.rms_norm, one op instead of seven) speed up decode? (docs/performance.md)
 
-    python results/perf/rmsnorm.py > results/perf/rmsnorm.txt      # from the repo root
+    python docs/perf/rmsnorm.py > docs/perf/rmsnorm.txt      # from the repo root
 
 The project's sample() at batch 1 and 16, fp32, 32-token prompt, 48 new tokens, alternating the
 model's RMSNorm and F.rms_norm four times each; tok/s sorted. Not adopted: no gain.
 """
 import os, sys, time, torch, torch.nn.functional as F
-sys.path.insert(0, os.getcwd())
-import model as M, sampling
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))  # the repo root
+import model as M, sampling, weights
 torch.set_grad_enabled(False)
-m = M.load_model(M.DEFAULT_MODEL, dtype=torch.float32)
+m = weights.load_model(weights.DEFAULT_MODEL, dtype=torch.float32)
 orig = M.RMSNorm.forward
 def fused(self, x):
     if self.unit_offset or x.dtype != torch.float32:

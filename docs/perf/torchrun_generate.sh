@@ -2,7 +2,7 @@
 # One process with both threads against torchrun's two single-thread processes, generating the same
 # 128 SoftSRV samples (the pipeline's sampling settings) twice each; the files must be identical.
 # Run from the repo root after `python pipeline.py --task gsm8k --method mc` has trained runs/gsm8k-mc:
-#     bash results/perf/torchrun_generate.sh > results/perf/torchrun_generate.txt
+#     bash docs/perf/torchrun_generate.sh > docs/perf/torchrun_generate.txt
 set -e
 P=${PYTHON:-.venv/bin/python}
 T=$(mktemp -d)

@@ -1,7 +1,6 @@
-"""What bounds the decode step's matmuls: the weights come from memory, not from cache (README:
-Performance). Run from the repo root:
+"""What bounds the decode step's matmuls: the weights come from memory, not from cache (docs/performance.md). Run from the repo root:
 
-    python results/perf/cold_weights.py > results/perf/cold_weights.txt
+    python docs/perf/cold_weights.py > docs/perf/cold_weights.txt
 
 The default model's 30 blocks of weights (q|k|v 960x576, o 576x576, gate|up 3072x576, down 576x1536;
 random values, the real shapes) packed as model.fused_linear packs them (MKL for fp32, oneDNN for

@@ -1,8 +1,10 @@
 """MAUVE of each sweep sample file against non-test data (the 100 examples train.py held out of
 training; the 889 training questions) and against the 330 held-out test questions (issue 8).
 k-means seeds 1-5: mean and min-max. Features: E = smollm2-135m-instruct, mauve.py's default (bf16)."""
-import glob, json, sys
+import glob, json, os, sys
 import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))  # the repo root
 from mauve import _load_texts, compute_mauve, featurize
 from train import TrainConfig, load_training_data
 

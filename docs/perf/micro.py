@@ -1,6 +1,6 @@
-"""Micro-benchmarks behind the README's Performance section (run from the repo root):
+"""Micro-benchmarks behind the docs/performance.md (run from the repo root):
 
-    python results/perf/micro.py > results/perf/micro.txt
+    python docs/perf/micro.py > docs/perf/micro.txt
 
 1. Matmul GFLOP/s at the default model's shapes: F.linear against the packed GEMM on a weight packed
    once (what model.fused_linear does for frozen weights: MKL's in fp32, oneDNN's in bf16), 1-512 rows.
@@ -17,9 +17,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.getcwd())
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))  # the repo root
 import data  # noqa: E402
-from model import DEFAULT_MODEL, load_model, load_tokenizer  # noqa: E402
+from weights import DEFAULT_MODEL, load_model, load_tokenizer  # noqa: E402
 from sampling import draw, filter_logits, left_pad  # noqa: E402
 
 

@@ -1,7 +1,7 @@
 """Would inductor's own GEMM do better than MKL's packed GEMM on weights that come from memory?
-(README: Performance, next to results/perf/cold_weights.py.) Run from the repo root:
+(docs/performance.md, next to docs/perf/cold_weights.py.) Run from the repo root:
 
-    python results/perf/max_autotune.py 2>&1 | grep -v Warning > results/perf/max_autotune.txt
+    python docs/perf/max_autotune.py 2>&1 | grep -v Warning > docs/perf/max_autotune.txt
 
 (inductor prints its autotuning table, the choices' times with the weight in cache, on stderr.)
 

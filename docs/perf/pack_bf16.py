@@ -1,6 +1,6 @@
 """The bf16 packed GEMM in model.fused_linear (oneDNN), measured three ways (run from the repo root):
 
-    python results/perf/pack_bf16.py > results/perf/pack_bf16.txt
+    python docs/perf/pack_bf16.py > docs/perf/pack_bf16.txt
 
 1. One row against many distinct weights (40 per shape, so they do not sit in cache as in micro.py's
    section 1): GB/s of weights read by F.linear, the oneDNN-packed product and a plain sum over the
@@ -17,10 +17,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.getcwd())
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))  # the repo root
 import model as M  # noqa: E402
 import sampling  # noqa: E402
-import softsrv  # noqa: E402
+import weights  # noqa: E402
 
 
 def per_call(f, n=20):
@@ -61,7 +61,7 @@ for N, K in ((3072, 576), (576, 1536)):
         print(f"  {N:5d}x{K:<4d} rows {rows:2d}: " + "  ".join(f"{k} {v * 1e3:6.2f}" for k, v in t.items()))
 
 print("\n2. sampling.sample, bf16, 32-token embedded prompt, 48 new tokens: tok/s, packing off -> on")
-model = M.load_model(M.DEFAULT_MODEL, dtype=torch.bfloat16).eval()
+model = weights.load_model(weights.DEFAULT_MODEL, dtype=torch.bfloat16).eval()
 available = M._ONEDNN_PACK_BF16
 for B in (1, 16, 64):
     prompt = (torch.randn(B, 32, model.cfg.d_model, generator=torch.Generator().manual_seed(B)) * 0.02).bfloat16()

@@ -4,7 +4,7 @@
 # trained θ (runs/gsm8k-mc/softsrv and its settings, so step 1 finds the training done): each step's
 # wall time (state.json) and whether the files are identical. Run from the repo root after
 # `python pipeline.py --task gsm8k --method mc --dtype fp32`; it resumes if interrupted:
-#     bash results/perf/torchrun_pipeline.sh > results/perf/torchrun_pipeline.txt
+#     bash docs/perf/torchrun_pipeline.sh > docs/perf/torchrun_pipeline.txt
 set -e
 P=${PYTHON:-.venv/bin/python}
 T=runs/torchrun-check

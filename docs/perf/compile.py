@@ -1,7 +1,7 @@
-"""Does torch.compile pay for decode here? (README: Performance; run from the repo root)
+"""Does torch.compile pay for decode here? (docs/performance.md; run from the repo root)
 
-    python results/perf/compile.py 64 > results/perf/compile.txt        # batch 64, packing off
-    python results/perf/compile.py 64 pack                               # packing on: fails to compile
+    python docs/perf/compile.py 64 > docs/perf/compile.txt        # batch 64, packing off
+    python docs/perf/compile.py 64 pack                               # packing on: fails to compile
 
 The bench's decode workload (32-token embedded prompt, 48 new tokens) in fp32, eager, then with
 the decode steps' `hidden_states` under torch.compile(dynamic=True). MKL weight packing is off by
@@ -15,17 +15,17 @@ import warnings
 
 import torch
 
-sys.path.insert(0, os.getcwd())
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))  # the repo root
 import model as M  # noqa: E402
 import sampling  # noqa: E402
-import softsrv  # noqa: E402
+import weights  # noqa: E402
 
 warnings.filterwarnings("ignore")
 M._MKL_PACK = len(sys.argv) > 2
 B = int(sys.argv[1])
 print(f"batch {B}, MKL packing {'on' if M._MKL_PACK else 'off'}, torch {torch.__version__}, "
       f"{torch.get_num_threads()} threads, load {os.getloadavg()[0]:.2f}")
-m = M.load_model(M.DEFAULT_MODEL, dtype=torch.float32)
+m = weights.load_model(weights.DEFAULT_MODEL, dtype=torch.float32)
 prefix = m.embed(torch.randint(0, m.cfg.vocab_size, (B, 32), generator=torch.Generator().manual_seed(0)))
 run = lambda: sampling.sample(m, prefix, 48, temperature=1.0, eos_id=None, generator=torch.Generator().manual_seed(0))
 run()
