@@ -335,8 +335,10 @@ def train_cfg(cfg: PipelineConfig, out: Path):
     """The train.py config of Step 1: train.py's own preset ('paper' for the paper preset, else
     'cpu'), the task's train questions, with this run's overrides."""
     import train
-    target = ["--data", cfg.task] if cfg.target == "question" else \
-        ["--data", str((out / FULL_EXAMPLES).resolve()), "--field", "text", "--max-tokens", str(FULL_TOKENS)]
+    if cfg.target == "full":
+        target = ["--data", str((out / FULL_EXAMPLES).resolve()), "--field", "text", "--max-tokens", str(FULL_TOKENS)]
+    else:
+        target = ["--data", cfg.task] + (["--max-tokens", str(TARGET_TOKENS[cfg.task])] if cfg.task in TARGET_TOKENS else [])
     argv = ["--param", cfg.method, "--preset", "paper" if cfg.preset == "paper" else "cpu", *target,
             "--model", cfg.generator, "--out", str(out / "softsrv"), "--seed", str(cfg.seed),
             "--n-heldout", str(cfg.n_heldout), "--dtype", cfg.dtype]
@@ -351,8 +353,13 @@ def train_cfg(cfg: PipelineConfig, out: Path):
 
 # --target full: SoftSRV learns whole examples (question and reference answer in answers.EXAMPLE's
 # format), so each sample carries its own answer and no answerer is needed (in the spirit of DawGen,
-# which conditions generation on labels). A worked GSM8K example is about twice a question's length.
-FULL_EXAMPLES, FULL_TOKENS = "full_examples.jsonl", 256
+# which conditions generation on labels). A worked GSM8K example is about three times a question's
+# length; FULL_TOKENS holds nearly all of them (docs/experiments).
+FULL_EXAMPLES, FULL_TOKENS = "full_examples.jsonl", 384
+# Tokens of a target text that SoftSRV learns (and then writes): train.py's 128 covers GSM8K and MBPP
+# questions, but BoolQ's passage + question is longer than 128 tokens for about half of the train fold
+# and its question comes last, so a cut there would teach passages without questions (docs/experiments).
+TARGET_TOKENS = {"boolq": 320}
 
 
 def write_full_examples(run: Run) -> Path:

@@ -5,7 +5,7 @@ import torch
 
 import answers
 import data
-from model import load_model, load_tokenizer
+from weights import load_model, load_tokenizer
 
 
 def test_loop_detection():
