@@ -484,7 +484,7 @@ def check_model(name_or_path: str | os.PathLike) -> None:
     calls this before it records its settings."""
     from safetensors import safe_open
     folder = resolve_model_dir(name_or_path)
-    ModelConfig.from_hf(_read_config(folder), where=str(folder / "config.json"))
+    config_from_hf(_read_config(folder), where=str(folder / "config.json"))
     index = folder / "model.safetensors.index.json"
     if not index.exists() and not (folder / "model.safetensors").exists():
         raise ModelError(f"{folder}: no model.safetensors or model.safetensors.index.json")
