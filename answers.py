@@ -131,7 +131,8 @@ class Answerer:
 
     def prompt_ids(self, question: str) -> list[int]:
         if self.fmt == "fewshot":
-            return self.tok.encode(fewshot_prefix(self.task, self.shots) + f"Question: {question}\nAnswer:")
+            text = fewshot_prefix(self.task, self.shots) + f"Question: {question}\nAnswer:"
+            return self.tok.with_bos(self.tok.encode(text))
         return qa_prompt_ids(self.tok, self.template.format(q=question))
 
     def answer(self, questions: list[str], seed: int) -> list[dict]:

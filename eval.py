@@ -105,7 +105,8 @@ def answer_loss(model, tok, pairs: list[tuple[str, str]], batch_size: int = 8, m
         p, ans = qa_prompt_ids(tok, q), qa_answer_ids(tok, a)
         n = len(p) + len(ans)
         ans = ans[:max(1, max_tokens - len(p))]
-        p = p[len(p) + len(ans) - max_tokens:] if len(p) + len(ans) > max_tokens else p
+        if len(p) + len(ans) > max_tokens:      # cut from the left; the BOS (when any) stays first
+            p = tok.with_bos(p[len(p) + len(ans) - max_tokens + tok.add_bos:])
         seqs.append((p, ans))
         truncated.append(n > max_tokens)
     nll = continuation_nll(model, seqs, batch_size, progress)
@@ -162,7 +163,7 @@ def _same_number(a: float | None, b: float) -> bool:
 
 
 def run_gsm8k(model, tok, items, shots, batch_size):
-    prompts = [tok.encode(gsm8k_prompt(shots, e.text)) for e in items]
+    prompts = [tok.with_bos(tok.encode(gsm8k_prompt(shots, e.text))) for e in items]
     gen = generate_from_ids(model, prompts, 256, tok.eos_id, stop=stop_on(tok, GSM8K_STOPS),
                             batch_size=batch_size, progress=True)
     records = []
@@ -192,7 +193,7 @@ def mbpp_prompt(shots: list[data.Example], e: data.Example) -> str:
 
 
 def run_mbpp(model, tok, items, shots, batch_size):
-    prompts = [tok.encode(mbpp_prompt(shots, e)) for e in items]
+    prompts = [tok.with_bos(tok.encode(mbpp_prompt(shots, e))) for e in items]
     gen = generate_from_ids(model, prompts, 384, tok.eos_id, stop=stop_on(tok, MBPP_STOPS),
                             batch_size=batch_size, progress=True)
     codes = [cut_at(tok.decode(g), MBPP_STOPS).strip() for g in gen]
@@ -210,7 +211,7 @@ HUMANEVAL_STOPS = ["\ndef ", "\nclass ", "\nif __name__", "\nprint("]
 
 
 def run_humaneval(model, tok, items, shots, batch_size):
-    gen = generate_from_ids(model, [tok.encode(e.text) for e in items], 384, tok.eos_id,
+    gen = generate_from_ids(model, [tok.with_bos(tok.encode(e.text)) for e in items], 384, tok.eos_id,
                             stop=stop_on(tok, HUMANEVAL_STOPS), batch_size=batch_size, progress=True)
     completions = [cut_at(tok.decode(g), HUMANEVAL_STOPS) for g in gen]
     jobs = [(e.text + c, e.meta["test"] + f"\ncheck({e.meta['entry_point']})\n")
@@ -233,7 +234,7 @@ def boolq_context(e: data.Example) -> str:
 
 def run_boolq(model, tok, items, shots, batch_size):
     demos = "".join(boolq_context(s) + BOOLQ_CHOICES[s.answer] + "\n\n" for s in shots)
-    ctxs = [tok.encode(demos + boolq_context(e)) for e in items]
+    ctxs = [tok.with_bos(tok.encode(demos + boolq_context(e))) for e in items]
     labels = list(BOOLQ_CHOICES)
     lp = choice_logprobs(model, ctxs, [tok.encode(BOOLQ_CHOICES[k]) for k in labels], batch_size,
                          progress=True, desc="boolq")
@@ -256,7 +257,7 @@ def normalize_answer(s: str) -> str:
 
 
 def run_triviaqa(model, tok, items, shots, batch_size):
-    prompts = [tok.encode(PLAIN_QA.format(question=e.text)) for e in items]
+    prompts = [tok.with_bos(tok.encode(PLAIN_QA.format(question=e.text))) for e in items]
     gen = generate_from_ids(model, prompts, 32, tok.eos_id, stop=stop_on(tok, TRIVIAQA_STOPS),
                             batch_size=batch_size, progress=True)
     records = []

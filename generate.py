@@ -29,7 +29,7 @@ import options
 from dist import append_in_rounds, cli_errors, init_distributed, rank0_first
 from runtime import DTYPES, dtype_of, keep_freed_memory
 from sampling import sample
-from softsrv import ContextEncoder, context_vectors, load_checkpoint, theta_hash
+from softsrv import ContextEncoder, context_vectors, load_checkpoint, prepend_bos, theta_hash
 from train import TrainConfig, load_training_data
 from weights import load_model, load_tokenizer
 
@@ -85,7 +85,8 @@ def generate(ckpt: str, n: int, out: str | None = None, temperature: float = 1.0
             ctx = [i % len(train_ex) for i in idx]                        # round-robin over the train fold
             g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + b // batch_size)
             with torch.no_grad():
-                rows = sample(backbone, prompt(z[ctx].to(device)), max_new_tokens, temperature=temperature,
+                prefix = prepend_bos(backbone, tok, prompt(z[ctx].to(device)))   # as train.py trained it
+                rows = sample(backbone, prefix, max_new_tokens, temperature=temperature,
                               top_k=top_k, top_p=top_p, eos_id=tok.eos_id, generator=g)
             return [{"text": tok.decode(ids).strip(), "index": i, "context_id": train_ex[c].id,
                      "context_text": train_ex[c].text,

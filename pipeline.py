@@ -398,7 +398,7 @@ def _complete(model, tok, texts: list[str], cfg: PipelineConfig, seed: int, chat
               max_new: int | None = None, stop=None) -> list[str]:
     """Each text -> the LM's completion at the template temperature (the project's sampler); as a user
     turn of the LM's chat format, or (chat=False) as plain text to be continued."""
-    prompts = [qa_prompt_ids(tok, t) if chat else tok.encode(t) for t in texts]
+    prompts = [qa_prompt_ids(tok, t) if chat else tok.with_bos(tok.encode(t)) for t in texts]
     ids = generate_from_ids(model, prompts, max_new or cfg.question_tokens or 128, tok.eos_id,
                             temperature=cfg.pt_temperature, top_p=cfg.pt_top_p, batch_size=cfg.batch_size, seed=seed,
                             stop=stop)

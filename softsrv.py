@@ -1,10 +1,13 @@
 """SoftSRV (DeSalvo et al., Sec. 2): a trained soft prompt P_θ(z) steers a frozen decoder H.
 
-- E: the context encoder, z = E(x) = mean of a small frozen LM's final hidden states over x's tokens.
+- E: the context encoder, z = E(x) = mean of a small frozen LM's final hidden states over x's tokens
+  (read after a BOS when that LM expects one).
 - P_θ: the SoftSRV embedding, one of three parameterizations, each `forward(z) -> [B, t, d]`:
   SoftPromptNP (Eq. 1), SoftPromptMP (Eq. 2), SoftPromptMC (Eq. 3).
 - `softsrv_loss`: causal cross-entropy of x given P_θ(E(x)) as the ONLY prefix (the "reconstruction"
   objective), counted on x's tokens and one end-of-sequence token. H stays frozen.
+- `prepend_bos`: the prefix H reads is [I(BOS); P_θ(z)] when H's tokenizer expects a BOS (Gemma),
+  for the loss and for sampling alike; else P_θ(z).
 Sampling x' ~ H(P_θ(z)) is sampling.py's `sample`, the one sampler of the project.
 """
 from __future__ import annotations
@@ -30,7 +33,8 @@ from weights import CACHE_DIR
 # E: the context encoder (Sec. 2, 3.3)
 
 class ContextEncoder:
-    """z = E(x): the mean of a frozen decoder's final hidden states over the real tokens of x.
+    """z = E(x): the mean of a frozen decoder's final hidden states over the real tokens of x (read
+    after a BOS when that decoder expects one).
 
     Its d_e is the encoder's width (576 for the default model), far fewer numbers than x has, so
     reconstructing x from z stays lossy: the prompt must learn the distribution, not copy x.
@@ -47,7 +51,12 @@ class ContextEncoder:
     @torch.no_grad()
     def __call__(self, texts: list[str], progress: bool = False) -> torch.Tensor:
         """texts -> z [N, d_e] in fp32."""
-        ids = [self.tokenizer.encode(t)[: self.max_tokens] or [self.tokenizer.eos_id] for t in texts]
+        tok = self.tokenizer
+        ids = [tok.with_bos(tok.encode(t)[: self.max_tokens] or [tok.eos_id]) for t in texts]
+        # The BOS is context, not part of the mean: causal attention gives its position the same
+        # hidden state for every x, so averaging it in would only add a constant weighted 1/(n+1),
+        # a bias that depends on x's length and says nothing about x.
+        first = int(tok.add_bos)
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))   # similar lengths batch together
         out = torch.empty(len(ids), self.dim)
         dev = self.model.device
@@ -58,7 +67,7 @@ class ContextEncoder:
             batch = torch.full((len(rows), T), self.tokenizer.pad_id, dtype=torch.long)
             mask = torch.zeros(len(rows), T, dtype=torch.bool)
             for b, i in enumerate(rows):
-                batch[b, : len(ids[i])], mask[b, : len(ids[i])] = torch.tensor(ids[i]), True
+                batch[b, : len(ids[i])], mask[b, first: len(ids[i])] = torch.tensor(ids[i]), True
             batch, mask = batch.to(dev), mask.to(dev)
             # Right padding needs no attention mask (causal); the mean just skips the pad rows.
             h = self.model.hidden_states(self.model.embed(batch)).float()
@@ -243,11 +252,25 @@ def pad_targets(token_lists: list[list[int]], eos_id: int, max_tokens: int, devi
     return out.to(device)
 
 
+def prepend_bos(backbone: Transformer, tok, prompts: torch.Tensor) -> torch.Tensor:
+    """The prefix H reads before x: [I(BOS); P_θ(z)] when H's tokenizer expects a BOS (`tok.add_bos`:
+    Gemma, whose text always starts with one and which models text far worse without it), else
+    P_θ(z) as it is. Every soft prompt that reaches H goes through it: the loss, the held-out loss and
+    sampling, so the prompt is trained and sampled at the same positions."""
+    if not tok.add_bos:
+        return prompts
+    with torch.no_grad():                                   # a constant: H stays frozen
+        bos = backbone.embed(torch.tensor([[tok.bos_id]], device=backbone.device)).to(prompts)
+    return torch.cat([bos.expand(prompts.shape[0], -1, -1), prompts], dim=1)
+
+
 def softsrv_loss(backbone: Transformer, prompts: torch.Tensor, targets: torch.Tensor,
                  reduction: str = "mean") -> torch.Tensor:
-    """ℓ(H(P), x): next-token cross-entropy of x (and its EOS) with the soft prompt as the only prefix.
+    """ℓ(H(P), x): next-token cross-entropy of x (and its EOS) with the soft prompt as the only prefix
+    (after the BOS, for a model that wants one).
 
-    prompts [B, t, d] (any float dtype; cast to H's), targets [B, L] from `pad_targets`. The input
+    prompts [B, t, d] (any float dtype; cast to H's), the whole prefix (from `prepend_bos`), targets
+    [B, L] from `pad_targets`; only x and its EOS are scored, never the prefix. The input
     is [P; I(x_1..x_{L-1})]: the last soft token predicts x_1, x_j predicts x_{j+1}, x_L predicts
     EOS. Right padding needs no attention mask, since no real token attends to the pads after it.
     With reduction="sum" returns (summed loss, token count) for exact per-token averages.
@@ -267,7 +290,9 @@ def softsrv_loss(backbone: Transformer, prompts: torch.Tensor, targets: torch.Te
 def context_vectors(encoder: ContextEncoder, encoder_name: str, texts: list[str], data_fp: str,
                     progress: bool = True) -> torch.Tensor:
     """z_i = E(x_i) for every text, read from the cache when this encoder already embedded this data."""
-    key = hashlib.sha256(f"{encoder_name}|{encoder.max_tokens}|{encoder.model.dtype}|{data_fp}".encode()).hexdigest()[:20]
+    bos = "|bos" if encoder.tokenizer.add_bos else ""        # z read after a BOS is another z
+    what = f"{encoder_name}|{encoder.max_tokens}|{encoder.model.dtype}|{data_fp}{bos}"
+    key = hashlib.sha256(what.encode()).hexdigest()[:20]
     path = CACHE_DIR / "contexts" / f"{key}.safetensors"
     if path.exists():
         try:

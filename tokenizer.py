@@ -121,7 +121,8 @@ class Tokenizer:
     """A byte-level BPE tokenizer. Build it with from_dir / gpt2, not by hand."""
 
     def __init__(self, name, mergeable_ranks, special_tokens, pat_str, *, eos_id, bos_id=None,
-                 pad_id=None, unk_id=None, chat_template=None, nfc=False, id_to_bytes=None, rank_ids=True):
+                 pad_id=None, unk_id=None, add_bos=False, chat_template=None, nfc=False, id_to_bytes=None,
+                 rank_ids=True):
         self.name = name
         self.pat_str = pat_str
         self._pattern = regex.compile(pat_str)
@@ -130,6 +131,9 @@ class Tokenizer:
         self.nfc = nfc
         self.eos_id, self.bos_id, self.unk_id = eos_id, bos_id, unk_id
         self.pad_id = eos_id if pad_id is None else pad_id
+        # Whether the model expects every input to start with BOS (tokenizer_config's add_bos_token,
+        # the GGUF's tokenizer.ggml.add_bos_token): Gemma does, SmolLM2 and GPT-2 do not.
+        self.add_bos = bool(add_bos) and bos_id is not None
         self.chat_template = chat_template
         # Decoding table: every id, including vocab entries that BPE can never produce.
         table = {i: b for b, i in mergeable_ranks.items()} if rank_ids else {}
@@ -149,7 +153,8 @@ class Tokenizer:
 
     # ---- encode / decode ----
     def encode(self, text):
-        """Token ids of `text`. Special tokens written in the text become their ids; no BOS is added."""
+        """Token ids of `text`. Special tokens written in the text become their ids; no BOS is added
+        (`with_bos` adds it where the ids start a model input)."""
         if self._special_re is None:
             return self._encode_ordinary(text)
         ids = []
@@ -173,6 +178,13 @@ class Tokenizer:
             if data:
                 ids.extend(self.enc._encode_single_piece(data))
         return ids
+
+    def with_bos(self, ids):
+        """ids as the start of a model input: BOS first when the model expects one (`add_bos`), never
+        twice (a chat template may render it already, as Gemma's does with {{ bos_token }})."""
+        if self.add_bos and ids[:1] != [self.bos_id]:
+            return [self.bos_id] + list(ids)
+        return list(ids)
 
     def decode(self, ids):
         return b"".join(self._id_to_bytes[i] for i in ids).decode("utf-8", errors="replace")
@@ -281,8 +293,8 @@ class Tokenizer:
         if isinstance(template, list):  # several named templates: use the default one
             template = {t["name"]: t["template"] for t in template}.get("default")
         return cls(name, ranks, added, pat_str, eos_id=eos_id, bos_id=token_id("bos_token"),
-                   pad_id=token_id("pad_token"), unk_id=token_id("unk_token"), chat_template=template,
-                   nfc=nfc, id_to_bytes=other)
+                   pad_id=token_id("pad_token"), unk_id=token_id("unk_token"),
+                   add_bos=config.get("add_bos_token", False), chat_template=template, nfc=nfc, id_to_bytes=other)
 
     @classmethod
     def gpt2(cls):
@@ -316,7 +328,8 @@ class SentencePieceBPE(Tokenizer):
     - No pre-tokenizer: the text between added tokens is one piece, with " " replaced by "▁".
     - Added tokens (control and user-defined ones like "\n" or "<start_of_turn>") are cut out of
       the raw text first, as the base class does.
-    `encode` adds no BOS (as the base class); `add_bos` says whether the model expects one.
+    `encode` adds no BOS (as the base class); `add_bos` says whether the model expects one, and
+    `with_bos` puts it in front of a model input.
     """
 
     def __init__(self, name, vocab, merge_rank, added, *, eos_id, bos_id=None, pad_id=None, unk_id=None,
@@ -338,8 +351,8 @@ class SentencePieceBPE(Tokenizer):
         id_to_bytes = {i: t.replace(METASPACE, " ").encode() for t, i in vocab.items()}
         id_to_bytes.update({i: bytes([b]) for b, i in enumerate(self._byte_id)})
         super().__init__(name, ranks, added, r"[\s\S]+", eos_id=eos_id, bos_id=bos_id, pad_id=pad_id,
-                         unk_id=unk_id, chat_template=chat_template, id_to_bytes=id_to_bytes, rank_ids=False)
-        self.add_bos = add_bos
+                         unk_id=unk_id, add_bos=add_bos, chat_template=chat_template, id_to_bytes=id_to_bytes,
+                         rank_ids=False)
 
     def _encode_ordinary(self, text):
         if not text:
@@ -536,10 +549,11 @@ PLAIN_QA = "Question: {question}\nAnswer:"   # for tokenizers without a chat tem
 
 def qa_prompt_ids(tok, question: str) -> list[int]:
     """The question as a user turn of the model's chat template, ready for the answer; or the plain
-    "Question: ...\\nAnswer:" form when the tokenizer has no chat template."""
+    "Question: ...\\nAnswer:" form when the tokenizer has no chat template. BOS first when the model
+    wants one (Gemma's template renders it itself; with_bos never adds a second)."""
     if tok.chat_template:
-        return tok.encode_chat([{"role": "user", "content": question}], add_generation_prompt=True)
-    return tok.encode(PLAIN_QA.format(question=question))
+        return tok.with_bos(tok.encode_chat([{"role": "user", "content": question}], add_generation_prompt=True))
+    return tok.with_bos(tok.encode(PLAIN_QA.format(question=question)))
 
 
 def qa_answer_ids(tok, answer: str) -> list[int]:

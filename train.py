@@ -27,7 +27,7 @@ from dist import all_sum, cli_errors, init_distributed, rank0_first
 from runtime import DTYPES, dtype_of, keep_freed_memory
 from sampling import sample
 from softsrv import (CKPT_CONFIG, ContextEncoder, build_soft_prompt, context_vectors, load_checkpoint,
-                     load_optimizer_state, lr_at, pad_targets, save_checkpoint, softsrv_loss)
+                     load_optimizer_state, lr_at, pad_targets, prepend_bos, save_checkpoint, softsrv_loss)
 from weights import DEFAULT_MODEL, load_model, load_tokenizer
 
 # Paper (Sec. 3.3): t = 128, 20K steps, Adam, lr 5e-6, MC 3x128 MLPs, MP k = 2. The paper
@@ -96,20 +96,22 @@ def batch_indices(cfg: TrainConfig, step: int, lengths: list[int]) -> list[int]:
 
 
 @torch.no_grad()
-def heldout_loss(backbone, prompt, z, token_lists, eos_id, cfg: TrainConfig, n_bytes: int,
+def heldout_loss(backbone, tok, prompt, z, token_lists, cfg: TrainConfig, n_bytes: int,
                  rank: int = 0, world: int = 1) -> tuple[float, float]:
     """Reconstruction loss on held-out examples: per token (Σ ℓ / Σ tokens, batched by length) and
     in bits per byte, Σ ℓ / (ln 2 · n_bytes), which compares backbones with different tokenizers.
     n_bytes counts the UTF-8 bytes of the scored text (each example cut at max_tokens); the EOS
-    is scored but adds no byte. Under torchrun each rank takes every world-th batch."""
+    is scored but adds no byte; a BOS before the prompt is context, never scored. Under torchrun each
+    rank takes every world-th batch."""
     order = sorted(range(len(token_lists)), key=lambda i: len(token_lists[i]))
     total, count = 0.0, 0
     for j, s in enumerate(range(0, len(order), 2 * cfg.batch_size)):
         if j % world != rank:
             continue
         rows = order[s:s + 2 * cfg.batch_size]
-        targets = pad_targets([token_lists[i] for i in rows], eos_id, cfg.max_tokens, backbone.device)
-        loss, n = softsrv_loss(backbone, prompt(z[rows].to(backbone.device)), targets, "sum")
+        targets = pad_targets([token_lists[i] for i in rows], tok.eos_id, cfg.max_tokens, backbone.device)
+        prefix = prepend_bos(backbone, tok, prompt(z[rows].to(backbone.device)))
+        loss, n = softsrv_loss(backbone, prefix, targets, "sum")
         total, count = total + loss.item(), count + n.item()
     total, count = all_sum(world, total, count)
     return total / count, total / (math.log(2) * n_bytes)
@@ -187,7 +189,7 @@ def train(cfg: TrainConfig, resume: bool = False, show_samples: int = 3) -> dict
           f"{len(held_ex)} held-out examples of {cfg.data}" + (f"; {world} processes" if world > 1 else ""))
 
     def evaluate(step):
-        loss, bpb = heldout_loss(backbone, prompt, z_held, ids_held, tok.eos_id, cfg, bytes_held, rank, world)
+        loss, bpb = heldout_loss(backbone, tok, prompt, z_held, ids_held, cfg, bytes_held, rank, world)
         history.append({"step": step, "heldout_loss": round(loss, 5), "heldout_bpb": round(bpb, 5)})
         if rank == 0:
             tqdm.write(f"step {step}: held-out loss per token {loss:.4f}, bits per byte {bpb:.4f}")
@@ -206,7 +208,8 @@ def train(cfg: TrainConfig, resume: bool = False, show_samples: int = 3) -> dict
         # global token count, times world (DDP averages), gives exactly the one-process gradient.
         idx = idx[rank::world]
         targets = pad_targets([ids_train[i] for i in idx], tok.eos_id, cfg.max_tokens, device)
-        loss_sum, n = softsrv_loss(backbone, ddp(z_train[idx].to(device)), targets, "sum")
+        prefix = prepend_bos(backbone, tok, ddp(z_train[idx].to(device)))        # [BOS; P_θ(z)] on Gemma
+        loss_sum, n = softsrv_loss(backbone, prefix, targets, "sum")
         loss = loss_sum / n if world == 1 else loss_sum * (world / all_sum(world, n.item())[0])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -231,8 +234,9 @@ def train(cfg: TrainConfig, resume: bool = False, show_samples: int = 3) -> dict
 
     if show_samples:
         g = torch.Generator(device=device).manual_seed(cfg.seed)
-        texts = sample(backbone, prompt(z_held[:show_samples].to(device)), max_new_tokens=cfg.max_tokens,
-                       temperature=1.0, eos_id=tok.eos_id, generator=g)
+        prefix = prepend_bos(backbone, tok, prompt(z_held[:show_samples].to(device)))
+        texts = sample(backbone, prefix, max_new_tokens=cfg.max_tokens, temperature=1.0, eos_id=tok.eos_id,
+                       generator=g)
         for i, ids in enumerate(texts):
             print(f"\n--- context (held-out, real): {held_ex[i].text}\n--- generated: {tok.decode(ids).strip()}")
     print(f"\ncheckpoint: {cfg.out}  (generate with: python generate.py --ckpt {cfg.out})")
