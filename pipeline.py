@@ -4,6 +4,7 @@
     python pipeline.py --task gsm8k --method pt                  # the prompt-template baseline
     python pipeline.py --task gsm8k --method mc --preset tiny    # everything, a few minutes
     torchrun --nproc_per_node=2 pipeline.py --task gsm8k --method mc   # 2 processes share the decoding
+    python pipeline.py --data my.jsonl --field question --answer-field answer --method mc   # your own target
 
 Steps, each writing into the run folder (default runs/<task>-<method>) and skipped when its output
 is already complete, so the same command after an interruption continues where it stopped:
@@ -17,6 +18,10 @@ is already complete, so the same command after an interruption continues where i
   6. evaluate    task metric + held-out answer loss per checkpoint, MAUVE of the questions  -> eval/, mauve.json
 and report.md / report.json / curve.png. Methods: np, mp, mc (SoftSRV, Eq. 1-3), pt, pt_sr (the
 templates of Appendix C, word for word, in TEMPLATES), train (the real train fold itself).
+
+Your own target (--data FILE, task "custom"): the same steps on the file's records; the test side
+(--test FILE, or a seeded 10% of FILE) is what decontamination, the answer loss and MAUVE use, and is
+never trained on; PT uses --pt-template or TEMPLATES["generic"]; there is no task metric.
 
 Under torchrun (gloo on CPUs, nccl on GPUs) every rank takes part in steps 1-3: the training is
 train.py's data-parallel one, and the generations and answers are dealt out in batches, which rank 0
@@ -971,6 +976,8 @@ def custom_args(p: argparse.ArgumentParser, args):
         return
     if args.task:
         p.error("--task and --data: give one target, a benchmark or your own file")
+    if args.data in data.DATASETS:
+        p.error(f"--data {args.data}: a registered dataset, not a file (the benchmarks are --task {'|'.join(TASKS)})")
     args.task = CUSTOM
     if not args.answer_field:
         for needs, what in ((args.method == "train", "--method train (the held-in records with their answers)"),
@@ -992,7 +999,7 @@ def parse_args(argv=None) -> tuple[PipelineConfig, str | None, str | None]:
     a("--field", help="--data: the text field of a .jsonl/.json record (dotted paths allowed; default 'text')")
     a("--answer-field", help="--data: the field of each record's reference answer (needed by --method train, "
                              "--answer-format fewshot, --target full and the held-out answer loss; default none)")
-    a("--test", help=f"--data: the test side, a file with the same fields (default: {data.HELDOUT_SHARE:.0%} of "
+    a("--test", help=f"--data: the test side, a file with the same fields (default: {data.HELDOUT_SHARE:.0%}% of "
                      "--data, at least 1 record, drawn with --seed, never trained on)")
     a("--pt-template", help="PT/PT_SR: a JSON file of templates, \"question\" with {q}, optionally \"answer\", "
                             "\"critique\" ({q}) and \"refine\" ({q}, {c}) (default: the paper's for a task, "

@@ -383,7 +383,11 @@ def test_custom_options_refused_in_one_line(tmp_path, capsys):
                        (["--data", f, "--answer-format", "fewshot"], "--answer-format fewshot"),
                        (["--data", f, "--task", "gsm8k"], "--task and --data"),
                        (["--answer-field", "a"], "applies to --data"),
-                       (["--data", f, "--pt-template", f], "--pt-template")):
+                       (["--data", f, "--pt-template", f], "--pt-template"),
+                       (["--data", "gsm8k"], "a registered dataset")):
         with pytest.raises(SystemExit):
             pl.parse_args(argv)
         assert what in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:       # the help text formats (a bare % in it would not)
+        pl.parse_args(["--help"])
+    assert e.value.code == 0 and "--answer-field" in capsys.readouterr().out
