@@ -864,9 +864,10 @@ def write_report(run: Run):
     if "mauve" in ev:
         m = ev["mauve"]
         lines += ["## MAUVE of the synthetic questions", "",
-                  f"- against the evaluated test questions: **{m['test']['mauve']:.3f}** "
-                  f"({m['test']['n_gen']} vs {m['test']['n_ref']}, {cfg.buckets} buckets)",
-                  f"- against the train fold: **{m['train']['mauve']:.3f}** ({m['train']['n_ref']} questions)", ""]
+                  f"- against the {'test side' if cfg.task == CUSTOM else 'evaluated test questions'}: "
+                  f"**{m['test']['mauve']:.3f}** ({m['test']['n_gen']} vs {m['test']['n_ref']}, {cfg.buckets} buckets)",
+                  f"- against the {'held-in records' if cfg.task == CUSTOM else 'train fold'}: "
+                  f"**{m['train']['mauve']:.3f}** ({m['train']['n_ref']} questions)", ""]
     if curve and cfg.task == CUSTOM:
         lines += custom_curve_lines(curve, cfg, plot)
     elif curve:

@@ -301,7 +301,7 @@ def test_custom_target_end_to_end(tiny_backbone, tmp_path, method, monkeypatch):
     report = (out / "report.md").read_text()
     assert f"`{path}` (sha256 `{data.file_sha256(path)}`)" in report and "36 held-in records" in report
     assert "No task metric" in report and "| step | held-out answer loss |" in report and "None" not in report
-    assert "10% of the file held out" in report
+    assert "10% of the file held out" in report and "against the held-in records: **" in report
 
 
 def test_custom_target_test_file_and_no_answers(tiny_backbone, tmp_path, monkeypatch):
