@@ -34,7 +34,7 @@ from tokenizer import qa_prompt_ids
 
 FORMATS = ("as-is", "fewshot")
 LOOP_WORDS, LOOP_TIMES = 8, 3
-FEWSHOT_K = {"gsm8k": 5, "mbpp": 3, "boolq": 3}
+FEWSHOT_K = {"gsm8k": 5, "mbpp": 3, "boolq": 3, "custom": 3}    # custom: a user's own file (pipeline --data)
 FEWSHOT_STOPS = ["Question:"]
 # One example in the target's own format: the few-shot answer prompt, and the whole examples that
 # SS_MC learns to write with --target full (question and answer together).

@@ -43,7 +43,8 @@ Splits, and where the data comes from (meta["source"] says it for every example)
 Files (any other string is a path):
 - .jsonl / .jsonl.gz: one JSON object per line; `field` names the text field (default "text"),
   dotted paths like "doc.question" reach into nested objects; the answer is the "answer" key
-  next to the text field, if any. Blank lines are skipped. id = "<file name>:<line number>".
+  next to the text field, if any, or the field `answer_field` names (then required in every
+  record; dotted paths too). Blank lines are skipped. id = "<file name>:<line number>".
 - .json: a list of objects (or of strings, when no field is given). id = "<file name>:<record>".
 - .txt: if the file has a blank line between two non-empty lines, each blank-line-separated block
   is one example (so multi-line texts such as code or passages work); otherwise each non-empty
@@ -80,6 +81,7 @@ import socket
 import sys
 import uuid
 import zlib
+from collections import Counter
 from dataclasses import dataclass, field as dc_field
 from pathlib import Path
 from typing import Any, Iterable
@@ -352,17 +354,58 @@ def _text(value: Any, what: str, where: str) -> str:
     return value
 
 
+class _FieldError(ValueError):
+    """A record's field is missing or unusable; `field` names it, so a file's count can say which."""
+
+    def __init__(self, msg: str, field: str):
+        super().__init__(msg)
+        self.field = field
+
+
 def _record_example(record: Any, field: str | None, path: Path, number: int,
-                    where: str) -> Example:
+                    where: str, answer_field: str | None = None) -> Example:
     meta = {"source": "file", "path": str(path)}
-    if isinstance(record, str) and field is None:
+    if isinstance(record, str) and field is None and answer_field is None:
         return Example(_text(record, "the text", where), f"{path.name}:{number}", None, meta)
     field = field or "text"
-    value, parent = _lookup(record, field, where)
-    answer = parent.get("answer")
+    try:
+        value, parent = _lookup(record, field, where)
+        text = _text(value, f"field {field!r}", where)
+    except ValueError as e:
+        raise _FieldError(str(e), field) from None
+    if answer_field is None:
+        answer = parent.get("answer")
+    else:      # a named answer field is required in every record
+        try:
+            answer = _lookup(record, answer_field, where)[0]
+            if not isinstance(answer, str):
+                answer = json.dumps(answer, ensure_ascii=False)
+            answer = _text(answer, f"field {answer_field!r}", where)
+        except ValueError as e:
+            raise _FieldError(str(e), answer_field) from None
     if answer is not None and not isinstance(answer, str):
         answer = json.dumps(answer, ensure_ascii=False)
-    return Example(_text(value, f"field {field!r}", where), f"{path.name}:{number}", answer, meta)
+    return Example(text, f"{path.name}:{number}", answer, meta)
+
+
+def _records_examples(records: list[tuple[int, Any, str]], field: str | None, path: Path,
+                      answer_field: str | None) -> list[Example]:
+    """(number, record, where) -> Examples. One bad record raises its own message; several raise one
+    line saying which field and how many records, with the first one's message."""
+    out, bad = [], []
+    for n, r, where in records:
+        try:
+            out.append(_record_example(r, field, path, n, where, answer_field))
+        except ValueError as e:
+            bad.append(e)
+    if len(bad) == 1:
+        raise bad[0]
+    if bad:
+        fields = Counter(getattr(e, "field", None) for e in bad)
+        what = "; ".join(f"field {f!r} missing or unusable in {c}" if f else f"{c} not usable"
+                         for f, c in fields.most_common())
+        raise ValueError(f"{path}: {what} of {len(records)} records (first: {bad[0]})")
+    return out
 
 
 def _txt_examples(path: Path) -> list[Example]:
@@ -386,15 +429,15 @@ def _txt_examples(path: Path) -> list[Example]:
     return out
 
 
-def _load_file(path: Path, field: str | None) -> list[Example]:
+def _load_file(path: Path, field: str | None, answer_field: str | None = None) -> list[Example]:
     name = path.name.lower()
     if not path.exists():
         raise ValueError(f"{path}: file not found")
     if not path.is_file():
         raise ValueError(f"{path}: not a file")
     if name.endswith(".txt"):
-        if field is not None:
-            raise ValueError(f"{path}: field={field!r} does not apply to a .txt file "
+        if field is not None or answer_field is not None:
+            raise ValueError(f"{path}: field={field or answer_field!r} does not apply to a .txt file "
                              "(every line or block is a text)")
         out = _txt_examples(path)
     elif name.endswith(".json"):
@@ -404,11 +447,11 @@ def _load_file(path: Path, field: str | None) -> list[Example]:
             raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
         if not isinstance(data, list):
             raise ValueError(f"{path}: expected a JSON list of objects, got {type(data).__name__}")
-        out = [_record_example(r, field, path, n, f"{path}: record {n}")
-               for n, r in enumerate(data, 1)]
+        out = _records_examples([(n, r, f"{path}: record {n}") for n, r in enumerate(data, 1)], field, path,
+                                answer_field)
     elif name.endswith((".jsonl", ".jsonl.gz")):
-        out = [_record_example(r, field, path, n, f"{path}:{n}")
-               for n, r in _read_jsonl_numbered(path)]
+        out = _records_examples([(n, r, f"{path}:{n}") for n, r in _read_jsonl_numbered(path)], field, path,
+                                answer_field)
     else:
         raise ValueError(f"{path}: unsupported file type (use {', '.join(FILE_TYPES)})")
     if not out:
@@ -417,8 +460,9 @@ def _load_file(path: Path, field: str | None) -> list[Example]:
 
 
 def load_examples(name_or_path: str, split: str = "train", field: str | None = None,
-                  limit: int | None = None) -> list[Example]:
-    """Examples of a registered dataset (see DATASETS, SPLITS) or of a .jsonl/.json/.txt file."""
+                  limit: int | None = None, answer_field: str | None = None) -> list[Example]:
+    """Examples of a registered dataset (see DATASETS, SPLITS) or of a .jsonl/.json/.txt file;
+    answer_field (files only) names each record's answer, then required in every record."""
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0, got {limit}")
     key = str(name_or_path)
@@ -426,7 +470,7 @@ def load_examples(name_or_path: str, split: str = "train", field: str | None = N
         if split not in SPLITS[key]:
             raise ValueError(f"{key}: unknown split {split!r} (available: "
                              f"{', '.join(SPLITS[key])})")
-        if field is not None:
+        if field is not None or answer_field is not None:
             raise ValueError(f"{key}: field= applies to files only, not to registered datasets")
         out = DATASETS[key](split)
     else:
@@ -434,7 +478,7 @@ def load_examples(name_or_path: str, split: str = "train", field: str | None = N
         if not path.exists() and not path.name.lower().endswith(FILE_TYPES):
             raise ValueError(f"unknown dataset {key!r}: registered are {', '.join(DATASETS)}; "
                              f"a file must end in {', '.join(FILE_TYPES)}")
-        out = _load_file(path, field)
+        out = _load_file(path, field, answer_field)
     return out if limit is None else out[:limit]
 
 
@@ -449,6 +493,29 @@ def split_heldout(examples: list[Example], n_heldout: int,
     rest = [e for i, e in enumerate(examples) if i not in chosen]
     held = [e for i, e in enumerate(examples) if i in chosen]
     return rest, held
+
+
+HELDOUT_SHARE = 0.1  # a user's target file without a test file: this share is its test side
+
+
+def split_share(examples: list[Example], share: float = HELDOUT_SHARE, seed: int = 0,
+                name: str = "the data") -> tuple[list[Example], list[Example]]:
+    """(rest, held_out): round(share x n) examples, at least 1, drawn with `seed` (split_heldout);
+    ValueError when fewer than one example would be left to train on."""
+    n = max(1, int(share * len(examples) + 0.5))     # half up: 45 records -> 5
+    if len(examples) <= n:
+        raise ValueError(f"{name}: {len(examples)} record(s), too few to hold out {share:.0%} "
+                         f"(at least 1) as the test side and train on the rest")
+    return split_heldout(examples, n, seed)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 hex of a file's bytes: which data a run used."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def fingerprint(examples: Iterable[Example]) -> str:

@@ -4,6 +4,7 @@
     python pipeline.py --task gsm8k --method pt                  # the prompt-template baseline
     python pipeline.py --task gsm8k --method mc --preset tiny    # everything, a few minutes
     torchrun --nproc_per_node=2 pipeline.py --task gsm8k --method mc   # 2 processes share the decoding
+    python pipeline.py --data my.jsonl --field question --answer-field answer --method mc   # your own target
 
 Steps, each writing into the run folder (default runs/<task>-<method>) and skipped when its output
 is already complete, so the same command after an interruption continues where it stopped:
@@ -17,6 +18,10 @@ is already complete, so the same command after an interruption continues where i
   6. evaluate    task metric + held-out answer loss per checkpoint, MAUVE of the questions  -> eval/, mauve.json
 and report.md / report.json / curve.png. Methods: np, mp, mc (SoftSRV, Eq. 1-3), pt, pt_sr (the
 templates of Appendix C, word for word, in TEMPLATES), train (the real train fold itself).
+
+Your own target (--data FILE, task "custom"): the same steps on the file's records; the test side
+(--test FILE, or a seeded 10% of FILE) is what decontamination, the answer loss and MAUVE use, and is
+never trained on; PT uses --pt-template or TEMPLATES["generic"]; there is no task metric.
 
 Under torchrun (gloo on CPUs, nccl on GPUs) every rank takes part in steps 1-3: the training is
 train.py's data-parallel one, and the generations and answers are dealt out in batches, which rank 0
@@ -100,7 +105,23 @@ TEMPLATES = {
                   "say \u2019Stop\u2019. Otherwise, write a new passage/question problem based on the critique. Write "
                   "the passage and question only, do not include the answer.",
     },
+    # A user's own target (--data): the same templates with the task's words made general; used when
+    # no --pt-template is given.
+    "generic": {
+        "question": "Consider the following example: {q} Now generate 10 different examples similar to the example "
+                    "above. Make sure each example is different and sufficiently rephrased. Please make sure you "
+                    "generate examples like the one above, and not answers to it. Please make sure each example you "
+                    "generate has a well-defined answer. Example 1:",
+        "answer": "Please answer the following question: {q} Answer:",
+        "critique": "Please provide actionable feedback on the clarity, difficulty, and originality of the following "
+                    "example: {q}",
+        "refine": "Read the following example and the critique, and write a new example based on the critique: "
+                  "Question: {q} Critique: {c} If the critique is strongly positive, say \u2019Stop\u2019. "
+                  "Otherwise, write a new example based on the critique. Write the example only, do not include "
+                  "the answer.",
+    },
 }
+TEMPLATE_FIELDS = {"question": {"q"}, "answer": {"q"}, "critique": {"q"}, "refine": {"q", "c"}}
 
 # ----------------------------------------------------------------------------------------------
 # Settings
@@ -168,9 +189,18 @@ class PipelineConfig:
     batch_size: int = 16
     seed: int = 0
     dtype: str = "auto"
+    # A user's own target (task "custom"): the file, its text and answer fields, an optional test file
+    # and PT template file; the sha256s are filled in by resolve_target, so a changed file is refused.
+    data: str | None = None
+    field: str | None = None
+    answer_field: str | None = None
+    test: str | None = None
+    pt_template: str | None = None
+    data_sha256: str | None = None
+    test_sha256: str | None = None
 
     def keep(self) -> int:
-        return self.n_keep if self.n_keep is not None else PAPER_KEEP[self.task]
+        return self.n_keep if self.n_keep is not None else PAPER_KEEP.get(self.task, PAPER_KEEP["gsm8k"])
 
 
 class Run:
@@ -253,13 +283,14 @@ def _write_json(path: Path, obj):
 
 # "Question N:" starts a question anywhere (small models run the list on in one line: "...? Question 2:
 # ..."); a bare "N." / "N)" only at a line start, so "Sam has 2. apples" is not split.
-_MARK = re.compile(r"(?im)(?:^|(?<=\s))[*#]*(?:passage and question|question|passage)\s*\d+\s*[:.)]\**[ \t]*"
+_MARK = re.compile(r"(?im)(?:^|(?<=\s))[*#]*(?:passage and question|question|passage|example)\s*\d+\s*[:.)]\**[ \t]*"
                    r"|^[ \t*]*\d{1,2}[.)][ \t]+")
 
 
 def parse_numbered(completion: str) -> list[str]:
-    """A PT completion -> its questions. The template ends with "Question 1:", so the text before the
-    first "Question N:" / "N." marker is question 1; each marker starts the next one."""
+    """A PT completion -> its questions. The template ends with "Question 1:" (generic: "Example 1:"), so
+    the text before the first "Question N:" / "Example N:" / "N." marker is question 1; each marker starts
+    the next one."""
     parts = [p.strip() for p in _MARK.split(completion)]
     return [p for p in parts if p]
 
@@ -329,19 +360,124 @@ def decontaminate(pairs: list[dict], test_texts: list[str], n: int = 13) -> tupl
 
 
 # ----------------------------------------------------------------------------------------------
+# The target: a task's train fold and evaluated items, or a user's own file (--data) and its test side
+
+CUSTOM = "custom"               # the task of a run on a user's file
+TARGET_TRAIN = "target_train.jsonl"   # a custom target's held-in texts, what SoftSRV trains on
+
+
+def target_split(cfg: PipelineConfig) -> tuple[list[data.Example], list[data.Example]]:
+    """(train side, test side). A task: its train fold and the evaluated items. A user's file: its
+    records and --test's, or without --test a seeded data.HELDOUT_SHARE of the file as the test side,
+    which is never trained on, never a PT seed and never in the train arm."""
+    if cfg.task != CUSTOM:
+        return data.load_examples(cfg.task, "train"), eval_items(cfg.task)
+    recs = data.load_examples(cfg.data, field=cfg.field, answer_field=cfg.answer_field)
+    if cfg.test:
+        return recs, data.load_examples(cfg.test, field=cfg.field, answer_field=cfg.answer_field)
+    return data.split_share(recs, seed=cfg.seed, name=cfg.data)
+
+
+def test_side(cfg: PipelineConfig) -> list[data.Example]:
+    """What decontamination and evaluation use: the task's evaluated items or the file's test side."""
+    return target_split(cfg)[1] if cfg.task == CUSTOM else eval_items(cfg.task)
+
+
+def load_pt_template(path: str) -> dict:
+    """--pt-template: a JSON object with "question" (containing {q}) and optionally "answer",
+    "critique" (each with {q}) and "refine" (with {q} and {c}); literal braces are written {{ }}."""
+    import string
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"--pt-template {path}: not a readable JSON file ({e})") from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("question"), str):
+        raise ValueError(f"--pt-template {path}: expected a JSON object with a \"question\" template")
+    for key, text in obj.items():
+        if key not in TEMPLATE_FIELDS or not isinstance(text, str):
+            raise ValueError(f"--pt-template {path}: {key!r} is not a template (a string under one of "
+                             f"{', '.join(TEMPLATE_FIELDS)})")
+        try:
+            names = {f for _, f, _, _ in string.Formatter().parse(text) if f is not None}
+        except ValueError as e:
+            raise ValueError(f"--pt-template {path}: {key!r}: {e} (write literal braces as {{{{ }}}})") from None
+        if names != TEMPLATE_FIELDS[key]:
+            want = " and ".join("{" + n + "}" for n in sorted(TEMPLATE_FIELDS[key]))
+            raise ValueError(f"--pt-template {path}: the {key!r} template must contain {want} and no other "
+                             f"{{...}} field (has: {', '.join(sorted(names)) or 'none'})")
+    return obj
+
+
+def templates(cfg: PipelineConfig) -> dict:
+    """The PT / PT_SR templates: the paper's for a task, TEMPLATES["generic"] for a user's file, with
+    those of --pt-template in their place."""
+    base = TEMPLATES[cfg.task if cfg.task in TEMPLATES else "generic"]
+    return {**base, **load_pt_template(cfg.pt_template)} if cfg.pt_template else base
+
+
+def softsrv_heldout(cfg: PipelineConfig, n_train: int) -> int:
+    """Records train.py keeps out of SoftSRV training to report its held-out loss: the preset's for a
+    task; for a user's file, as many but at most a tenth of the held-in records (at least 1), so a
+    small file still trains."""
+    return cfg.n_heldout if cfg.task != CUSTOM else min(cfg.n_heldout, max(1, n_train // 10))
+
+
+def resolve_target(cfg: PipelineConfig):
+    """Before the run folder is touched: a user's file and test side load (data.py's one-line errors),
+    are large enough for the method, and their sha256s go into the settings; a --pt-template loads."""
+    if cfg.pt_template:
+        load_pt_template(cfg.pt_template)
+    if cfg.task != CUSTOM:
+        return
+    train_ex, test_ex = target_split(cfg)
+    if cfg.method in SOFTSRV:
+        tcfg = train_cfg(cfg, Path("."), n_train=len(train_ex))
+        if len(train_ex) < tcfg.n_heldout + tcfg.batch_size:
+            raise ValueError(f"{cfg.data}: {len(train_ex)} records to train SoftSRV on after the test side, fewer "
+                             f"than the {tcfg.n_heldout} it holds out + a batch of {tcfg.batch_size}")
+    cfg.data_sha256 = data.file_sha256(cfg.data)
+    cfg.test_sha256 = data.file_sha256(cfg.test) if cfg.test else None
+
+
+def target_lines(cfg: PipelineConfig) -> list[str]:
+    """The report's lines on a user's target: the files and their sha256, the split, the templates."""
+    lines = []
+    if cfg.task == CUSTOM:
+        train_ex, test_ex = target_split(cfg)
+        side = (f"`{cfg.test}` (sha256 `{cfg.test_sha256}`)" if cfg.test else
+                f"{data.HELDOUT_SHARE:.0%} of the file held out (at least 1 record, seed {cfg.seed})")
+        lines += [f"Data: `{cfg.data}` (sha256 `{cfg.data_sha256}`), text field `{cfg.field or 'text'}`, "
+                  + (f"reference answers from `{cfg.answer_field}`" if cfg.answer_field else "no reference answers")
+                  + f"; {len(train_ex)} held-in records (SoftSRV training, PT seeds, the train arm), "
+                  f"{len(test_ex)} on the test side: {side}.", ""]
+    if cfg.method in ("pt", "pt_sr"):
+        which = (f"`{cfg.pt_template}` (the rest generic)" if cfg.pt_template and cfg.task == CUSTOM else
+                 f"`{cfg.pt_template}`" if cfg.pt_template else
+                 "generic (TEMPLATES[\"generic\"], in the pattern of Appendix C)" if cfg.task == CUSTOM else
+                 f"the paper's for {cfg.task} (Appendix C)")
+        lines += [f"PT templates: {which}.", ""]
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------
 # The steps
 
-def train_cfg(cfg: PipelineConfig, out: Path):
+def train_cfg(cfg: PipelineConfig, out: Path, n_train: int | None = None):
     """The train.py config of Step 1: train.py's own preset ('paper' for the paper preset, else
-    'cpu'), the task's train questions, with this run's overrides."""
+    'cpu'), the task's train questions (a user's file: its held-in records, written to TARGET_TRAIN),
+    with this run's overrides."""
     import train
     if cfg.target == "full":
         target = ["--data", str((out / FULL_EXAMPLES).resolve()), "--field", "text", "--max-tokens", str(FULL_TOKENS)]
+    elif cfg.task == CUSTOM:
+        target = ["--data", str((out / TARGET_TRAIN).resolve()), "--field", "text"]
     else:
         target = ["--data", cfg.task] + (["--max-tokens", str(TARGET_TOKENS[cfg.task])] if cfg.task in TARGET_TOKENS else [])
+    if cfg.task == CUSTOM and n_train is None:
+        n_train = len(_train_fold(cfg))
     argv = ["--param", cfg.method, "--preset", "paper" if cfg.preset == "paper" else "cpu", *target,
             "--model", cfg.generator, "--out", str(out / "softsrv"), "--seed", str(cfg.seed),
-            "--n-heldout", str(cfg.n_heldout), "--dtype", cfg.dtype]
+            "--n-heldout", str(softsrv_heldout(cfg, n_train or 0)), "--dtype", cfg.dtype]
     if cfg.train_steps:
         argv += ["--steps", str(cfg.train_steps), "--eval-every", str(max(1, cfg.train_steps // 2))]
     if cfg.prompt_len:
@@ -374,12 +510,24 @@ def write_full_examples(run: Run) -> Path:
     return path
 
 
+def write_target_train(run: Run) -> Path:
+    """A user's held-in records as the file train.py reads (the test side is not in it)."""
+    path = run.out / TARGET_TRAIN
+    if run.rank == 0:
+        data.write_jsonl(path, [{"text": e.text, "id": e.id} for e in _train_fold(run.cfg)])
+    if run.world > 1:
+        torch.distributed.barrier()
+    return path
+
+
 def step_train(run: Run):
     import train
     from softsrv import CKPT_CONFIG
     cfg = run.cfg
     if cfg.target == "full":
         write_full_examples(run)
+    elif cfg.task == CUSTOM:
+        write_target_train(run)
     tcfg = train_cfg(cfg, run.out)
     what = "train questions" if cfg.target == "question" else "whole train examples (question + answer)"
     t0 = run.start("train", f"SS_{cfg.method.upper()} on {cfg.task} {what}, {tcfg.steps} steps -> {tcfg.out}")
@@ -391,7 +539,7 @@ def step_train(run: Run):
 
 
 def _train_fold(cfg: PipelineConfig) -> list[data.Example]:
-    return data.load_examples(cfg.task, "train")
+    return target_split(cfg)[0] if cfg.task == CUSTOM else data.load_examples(cfg.task, "train")
 
 
 def _complete(model, tok, texts: list[str], cfg: PipelineConfig, seed: int, chat: bool = True,
@@ -428,9 +576,9 @@ def generate_pt(run: Run, n_completions: int, train_ex: list[data.Example]) -> l
     cfg = run.cfg
     model = load_model(cfg.generator, dtype=dtype_of(cfg.dtype, run.device), device=run.device)
     tok = load_tokenizer(cfg.generator)
-    tmpl = TEMPLATES[cfg.task]["question"]
+    tmpl = templates(cfg)["question"]
     max_new = 10 * (cfg.question_tokens or 96)       # ten questions; an 11th ends the completion
-    stops = ["Question 11", "\n11."]
+    stops = ["Question 11", "Example 11", "\n11."]
 
     def make(idx):
         texts = [tmpl.format(q=train_ex[i % len(train_ex)].text) for i in idx]
@@ -448,7 +596,7 @@ def refine_sr(run: Run, questions: list[str]) -> tuple[list[str], dict]:
     cfg = run.cfg
     model = load_model(cfg.generator, dtype=dtype_of(cfg.dtype, run.device), device=run.device)
     tok = load_tokenizer(cfg.generator)
-    T = TEMPLATES[cfg.task]
+    T = templates(cfg)
     current, final = list(questions), [False] * len(questions)
     stats = []
     for r in range(cfg.sr_rounds):
@@ -538,10 +686,9 @@ def step_generate(run: Run):
 def make_answerer(run: Run) -> answers.Answerer:
     cfg = run.cfg
     model = load_model(cfg.answerer, dtype=dtype_of(cfg.dtype, run.device), device=run.device)
-    shots = data.load_examples(cfg.task, "train", limit=answers.FEWSHOT_K[cfg.task]) \
-        if cfg.answer_format == "fewshot" else []
+    shots = _train_fold(cfg)[:answers.FEWSHOT_K[cfg.task]] if cfg.answer_format == "fewshot" else []
     return answers.Answerer(model, load_tokenizer(cfg.answerer), cfg.task, cfg.answer_format,
-                            "{q}" if cfg.method in SOFTSRV else TEMPLATES[cfg.task]["answer"], shots,
+                            "{q}" if cfg.method in SOFTSRV else templates(cfg)["answer"], shots,
                             cfg.answer_tokens, cfg.answer_temperature, cfg.answer_samples, cfg.batch_size)
 
 
@@ -609,7 +756,7 @@ def step_decontam(run: Run):
     cfg = run.cfg
     recs = sorted((r for r in data.read_jsonl(run.out / "answers.jsonl") if r["drop"] is None),
                   key=lambda r: r["index"])
-    test = eval_items(cfg.task)
+    test = test_side(cfg)
     t0 = run.start("decontam", f"{len(recs)} usable pairs against {len(test)} evaluated {cfg.task} items, "
                                f"{cfg.ngram}-grams; the first {cfg.keep()} kept")
     texts = [e.text for e in test] + [e.answer for e in test if e.answer]
@@ -661,6 +808,8 @@ def step_evaluate(run: Run):
         path = run.out / "eval" / f"step-{step}.json"
         if path.exists():
             summary = json.loads(path.read_text())["summary"]
+        elif cfg.task == CUSTOM:
+            summary = evaluate_custom(run, model, path)
         else:
             summary = ev.evaluate_task(cfg.task, model, limit=cfg.eval_limit, out=str(path), dtype=cfg.dtype,
                                        loss_limit=cfg.eval_loss_limit)
@@ -670,6 +819,27 @@ def step_evaluate(run: Run):
                       **{k: summary[k] for k in ("majority_accuracy", "true_share", "chat_true_share") if k in summary}})
     mauve = step_mauve(run)
     run.finish("evaluate", {"curve": curve, "mauve": mauve}, t0)
+
+
+def evaluate_custom(run: Run, model: str, out: Path) -> dict:
+    """One model on a user's target, written like eval.evaluate_task's JSON: no task metric (a user's
+    file has none); with reference answers, the held-out answer loss on the test side (eval.answer_loss,
+    the question->answer format fine-tuning trains on); without them, nothing to score."""
+    import eval as ev
+    cfg = run.cfg
+    items = test_side(cfg)[:cfg.eval_limit] if cfg.eval_limit else test_side(cfg)
+    records = [{"id": e.id, "question": e.text} for e in items]
+    loss, tokens = None, 0
+    if cfg.answer_field:
+        lm = load_model(model, dtype=dtype_of(cfg.dtype, run.device), device=run.device)
+        al = ev.answer_loss(lm, load_tokenizer(model), [(e.text, e.answer) for e in items])
+        loss, tokens = al["loss"], al["tokens"]
+        for r, a in zip(records, al["per_item"]):
+            r["answer_loss"], r["answer_tokens"] = a["loss"], a["tokens"]
+    summary = {"task": CUSTOM, "data": cfg.data, "model": str(model), "metric": None, "score": None,
+               "n": len(items), "answer_loss": loss, "answer_tokens": tokens}
+    data.write_json(out, {"summary": summary, "items": records})
+    return summary
 
 
 def step_mauve(run: Run) -> dict:
@@ -682,7 +852,7 @@ def step_mauve(run: Run) -> dict:
         return json.loads(path.read_text())
     gen = [r["question"] for r in data.read_jsonl(run.out / "data.jsonl")]
     out = {}
-    for name, ref in (("test", [e.text for e in eval_items(cfg.task)]),
+    for name, ref in (("test", [e.text for e in test_side(cfg)]),
                       ("train", [e.text for e in _train_fold(cfg)])):
         res = mauve.mauve_texts(gen, ref, model=cfg.generator, num_buckets=cfg.buckets, seed=cfg.seed + 1)
         out[name] = {"mauve": float(res.mauve), "n_gen": len(gen), "n_ref": len(ref)}
@@ -709,6 +879,8 @@ def write_report(run: Run):
     curve = ev.get("curve", [])
     plot = _plot_curve(run.out / "curve.png", curve, cfg) if curve else None
     report = {"settings": asdict(cfg), "steps": st, "examples": pairs[:3]}
+    if cfg.method in ("pt", "pt_sr"):
+        report["templates"] = templates(cfg)
     _write_json(run.out / "report.json", report)
     g, a, d = st.get("generate", {}), st.get("answer", {}), st.get("decontam", {})
     lines = [f"# {cfg.task} / {cfg.method} ({cfg.preset} preset)", "",
@@ -717,6 +889,7 @@ def write_report(run: Run):
              "|---|---|---|---|---|---|---|",
              f"| {g.get('generated')} | {g.get('unique')} | {g.get('subsampled')} | {a.get('attempted')} | "
              f"{a.get('usable')} | {d.get('dropped')} | {d.get('kept')} |", ""]
+    lines[2:2] = target_lines(cfg)
     if "completions" in g:
         lines += [f"PT parse: {g['completions']} completions; questions per completion "
                   f"{g['questions_per_completion']}; {g['completions_without_questions']} with none.", ""]
@@ -736,10 +909,13 @@ def write_report(run: Run):
     if "mauve" in ev:
         m = ev["mauve"]
         lines += ["## MAUVE of the synthetic questions", "",
-                  f"- against the evaluated test questions: **{m['test']['mauve']:.3f}** "
-                  f"({m['test']['n_gen']} vs {m['test']['n_ref']}, {cfg.buckets} buckets)",
-                  f"- against the train fold: **{m['train']['mauve']:.3f}** ({m['train']['n_ref']} questions)", ""]
-    if curve:
+                  f"- against the {'test side' if cfg.task == CUSTOM else 'evaluated test questions'}: "
+                  f"**{m['test']['mauve']:.3f}** ({m['test']['n_gen']} vs {m['test']['n_ref']}, {cfg.buckets} buckets)",
+                  f"- against the {'held-in records' if cfg.task == CUSTOM else 'train fold'}: "
+                  f"**{m['train']['mauve']:.3f}** ({m['train']['n_ref']} questions)", ""]
+    if curve and cfg.task == CUSTOM:
+        lines += custom_curve_lines(curve, cfg, plot)
+    elif curve:
         m = curve[0]["metric"]
         lines += ["## Fine-tuning curve", "", f"Student {cfg.student}; step 0 is the student before fine-tuning; "
                   f"k-shot and 0-shot chat {m} on {curve[0]['n']} held-out items, the answer loss on "
@@ -763,17 +939,36 @@ def write_report(run: Run):
     print(f"[report] {run.out / 'report.md'}")
 
 
+def custom_curve_lines(curve: list[dict], cfg: PipelineConfig, plot: Path | None) -> list[str]:
+    """The report's evaluation of a user's target: there is no task metric, only the answer loss."""
+    lines = ["## Fine-tuning curve", "", "No task metric: a custom target has none; the test side is the held-out "
+             "share or --test, and the MAUVE above is measured against it and against the held-in records.", ""]
+    if curve[0]["answer_loss"] is None:
+        return lines + ["No held-out answer loss either: the data has no reference answers (--answer-field).", ""]
+    lines += [f"Student {cfg.student}; step 0 is the student before fine-tuning; held-out answer loss "
+              f"(nats per answer token) of the reference answers of {curve[0]['n']} test-side records.", "",
+              "| step | held-out answer loss |", "|---|---|"]
+    lines += [f"| {c['step']} | {c['answer_loss']:.4f} |" for c in curve]
+    return lines + ["", f"![curve]({plot.name})" if plot else "(plot skipped: `pip install matplotlib`)", ""]
+
+
 def _plot_curve(path: Path, curve: list[dict], cfg: PipelineConfig) -> Path | None:
+    if curve[0]["answer_loss"] is None:      # a user's file without reference answers: nothing to plot
+        return None
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))
     steps = [c["step"] for c in curve]
-    a1.plot(steps, [c["score"] for c in curve], "o-")
-    a1.set(xlabel="fine-tuning step", ylabel=curve[0]["metric"], title=f"{cfg.task}: {cfg.method}")
+    if curve[0]["score"] is None:       # no task metric (a user's file): the answer loss alone
+        fig, a2 = plt.subplots(1, 1, figsize=(4.5, 3.5))
+        a2.set(title=f"{cfg.task}: {cfg.method}")
+    else:
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))
+        a1.plot(steps, [c["score"] for c in curve], "o-")
+        a1.set(xlabel="fine-tuning step", ylabel=curve[0]["metric"], title=f"{cfg.task}: {cfg.method}")
     a2.plot(steps, [c["answer_loss"] for c in curve], "o-", color="C1")
     a2.set(xlabel="fine-tuning step", ylabel="held-out answer loss (nats/token)")
     fig.tight_layout()
@@ -791,11 +986,18 @@ STEPS = {"train": step_train, "generate": step_generate, "answer": step_answer, 
 SHARED_STEPS = ("train", "generate", "answer")
 
 
+def default_out(cfg: PipelineConfig) -> str:
+    """runs/<task>-<method>; a user's file: runs/<file name without suffix>-<method>."""
+    name = Path(cfg.data).name.split(".")[0] if cfg.task == CUSTOM else cfg.task
+    return f"runs/{name}-{cfg.method}"
+
+
 def run_pipeline(cfg: PipelineConfig, out: str | None = None, stop_after: str | None = None) -> Path:
     """Steps 1-6 into the run folder (the report once all are done); stop_after ends the run early."""
     rank, world, device = init_distributed()
+    resolve_target(cfg)       # a user's file is checked before the run folder is made
     # Rank 0 takes the folder and checks its settings; a refusal ends every rank with the same line.
-    run = Run(cfg, Path(out or f"runs/{cfg.task}-{cfg.method}"), rank, world, device)
+    run = Run(cfg, Path(out or default_out(cfg)), rank, world, device)
     try:
         return _run_steps(run, stop_after)
     finally:
@@ -828,12 +1030,44 @@ def _run_steps(run: Run, stop_after: str | None) -> Path:
     return run.out
 
 
+def custom_args(p: argparse.ArgumentParser, args):
+    """--data makes the task "custom"; the options a user's file needs or excludes, one line each."""
+    if args.data is None:
+        given = [o for o in ("field", "answer_field", "test") if getattr(args, o) is not None]
+        if given:
+            p.error(f"--{given[0].replace('_', '-')} applies to --data (your own target file) only")
+        return
+    if args.task:
+        p.error("--task and --data: give one target, a benchmark or your own file")
+    if args.data in data.DATASETS:
+        p.error(f"--data {args.data}: a registered dataset, not a file (the benchmarks are --task {'|'.join(TASKS)})")
+    args.task = CUSTOM
+    if not args.answer_field:
+        for needs, what in ((args.method == "train", "--method train (the held-in records with their answers)"),
+                            (args.answer_format == "fewshot", "--answer-format fewshot (the shots' answers)"),
+                            (args.target == "full", "--target full (whole examples, question and answer)")):
+            if needs:
+                p.error(f"{what} needs --answer-field, the reference answer of each record of --data")
+    if args.pt_template and args.method not in ("pt", "pt_sr"):
+        p.error(f"--pt-template: method {args.method} uses no template (pt, pt_sr do)")
+
+
 def parser() -> argparse.ArgumentParser:
     """The CLI: each option's dest is the PipelineConfig field it sets (command_line relies on it).
     Every value is range-checked here (options.py), before anything is loaded or written."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--task", choices=TASKS, default="gsm8k", help="benchmark whose train questions are the target (default gsm8k)")
+    a("--task", choices=TASKS, help="benchmark whose train questions are the target (default gsm8k, unless --data)")
+    a("--data", type=options.data_source(data.DATASETS), help="your own target instead of a task: a .jsonl/.json/.txt file read as train.py --data reads it "
+                     "(README \"Your own data\")")
+    a("--field", help="--data: the text field of a .jsonl/.json record (dotted paths allowed; default 'text')")
+    a("--answer-field", help="--data: the field of each record's reference answer (needed by --method train, "
+                             "--answer-format fewshot, --target full and the held-out answer loss; default none)")
+    a("--test", type=options.path, help=f"--data: the test side, a file with the same fields (default: {data.HELDOUT_SHARE:.0%}% of "
+                     "--data, at least 1 record, drawn with --seed, never trained on)")
+    a("--pt-template", type=options.path, help="PT/PT_SR: a JSON file of templates, \"question\" with {q}, optionally \"answer\", "
+                            "\"critique\" ({q}) and \"refine\" ({q}, {c}) (default: the paper's for a task, "
+                            "TEMPLATES[\"generic\"] for --data)")
     a("--method", choices=METHODS, default="mc",
       help="np/mp/mc: SoftSRV (Eq. 1-3); pt, pt_sr: prompt-template baselines; train: the train fold (default mc)")
     a("--preset", choices=PRESETS, default="cpu",
@@ -890,9 +1124,10 @@ def parse_args(argv=None) -> tuple[PipelineConfig, str | None, str | None]:
     """(settings, --out, --stop-after)."""
     p = parser()
     args = p.parse_args(argv)
+    custom_args(p, args)
     preset = dict(PRESETS[args.preset])
     if args.preset == "paper":
-        preset["n_keep"] = PAPER_KEEP[args.task]
+        preset["n_keep"] = PAPER_KEEP.get(args.task, PAPER_KEEP["gsm8k"])
     given = {f.name: getattr(args, f.name) for f in fields(PipelineConfig)
              if getattr(args, f.name, None) is not None}
     cfg = PipelineConfig(**{**{k: v for k, v in preset.items()}, **given})
@@ -909,14 +1144,15 @@ def command_line(cfg: PipelineConfig, out) -> str:
     """The command that reproduces the run: task, method, preset, folder, and every setting that
     differs from what the preset gives, as the option that sets it (an option added to parser()
     and PipelineConfig is covered without a change here)."""
-    base, _, _ = parse_args(["--task", cfg.task, "--method", cfg.method, "--preset", cfg.preset])
+    target = ["--task", cfg.task] if cfg.task != CUSTOM else ["--data", cfg.data]
+    base, _, _ = parse_args([*target, "--method", cfg.method, "--preset", cfg.preset])
     by_dest = {a.dest: a for a in parser()._actions if a.option_strings}
-    words = ["python", "pipeline.py", "--task", cfg.task, "--method", cfg.method, "--preset", cfg.preset,
-             "--out", str(out)]
+    words = ["python", "pipeline.py", *target, "--method", cfg.method, "--preset", cfg.preset, "--out", str(out)]
     unset = []
     for f in fields(PipelineConfig):
         value = getattr(cfg, f.name)
-        if f.name in ("task", "method", "preset") or value == getattr(base, f.name):
+        # the files' sha256s are recorded from the files, not given
+        if f.name in ("task", "data", "method", "preset", "data_sha256", "test_sha256") or value == getattr(base, f.name):
             continue
         opt = by_dest.get(f.name)
         if opt is None or value is None:

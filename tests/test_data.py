@@ -365,3 +365,36 @@ def test_broken_line_in_the_middle_is_an_error(tmp_path):
     p = _write(tmp_path / "bad2.jsonl", '{"i": 0}\n{"i": \n')  # has its newline: not truncation
     with pytest.raises(ValueError, match=r"bad2.jsonl:2"):
         read_jsonl(p)
+
+
+# ----------------------------------------------------------------------------- a user's target file
+
+def test_answer_field_is_required_and_missing_ones_are_counted(tmp_path):
+    rows = [{"q": f"q{i}?", "sol": {"text": f"a{i}"}, "answer": "other"} for i in range(10)]
+    f = tmp_path / "u.jsonl"
+    data.write_jsonl(f, rows)
+    ex = load_examples(str(f), field="q", answer_field="sol.text")
+    assert [(e.text, e.answer) for e in ex][:2] == [("q0?", "a0"), ("q1?", "a1")]
+    for r in rows[3:6]:
+        del r["sol"]
+    rows[7]["q"] = ""
+    data.write_jsonl(f, rows)
+    with pytest.raises(ValueError) as e:
+        load_examples(str(f), field="q", answer_field="sol.text")
+    msg = str(e.value)
+    assert msg.startswith(f"{f}: field 'sol.text' missing or unusable in 3; field 'q' missing or unusable in 1 "
+                          "of 10 records (first: ") and f"{f}:4: no field 'sol.text'" in msg and "\n" not in msg
+    with pytest.raises(ValueError, match="files only"):
+        load_examples("gsm8k", "test", answer_field="answer")
+
+
+def test_split_share_holds_out_a_seeded_tenth_at_least_one(tmp_path):
+    ex = _examples(45)
+    rest, held = data.split_share(ex, seed=2)
+    assert (len(rest), len(held)) == (40, 5) and (rest, held) == split_heldout(ex, 5, seed=2)
+    assert [len(h) for _, h in (data.split_share(_examples(n)) for n in (2, 9, 14))] == [1, 1, 1]
+    with pytest.raises(ValueError, match="mine.jsonl: 1 record.*too few to hold out 10%"):
+        data.split_share(_examples(1), name="mine.jsonl")
+    f = tmp_path / "x.txt"
+    f.write_bytes(b"abc")
+    assert data.file_sha256(f) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"

@@ -233,3 +233,161 @@ def test_parse_args_refuses_inconsistent_answer_options():
             pl.parse_args(argv)
     cfg, _, _ = pl.parse_args(["--answer-format", "fewshot", "--answer-samples", "3", "--answer-temperature", "0.7"])
     assert (cfg.answer_format, cfg.answer_samples) == ("fewshot", 3)
+
+
+# ----------------------------------------------------------------------------------------------
+# A user's own target (--data): not one of the three tasks
+
+TOPICS = ["volcano", "violin", "glacier", "tulip", "comet", "harbor", "falcon", "pyramid", "orchid", "canyon"]
+
+
+def write_custom(path, n=40, answers=True):
+    """Trivia-like records of the user's own making, with an extra field the pipeline ignores."""
+    rows = []
+    for i in range(n):
+        t = TOPICS[i % len(TOPICS)]
+        rec = {"question": f"Which {t} number {i} is the oldest {t} in region {i * 7 % 13}?", "source": "mine"}
+        if answers:
+            rec["answer"] = f"The {t} {i}"
+        rows.append(rec)
+    data.write_jsonl(path, rows)
+    return path
+
+
+def custom_cfg(backbone, path, method, *extra, **kw):
+    cfg, _, _ = pl.parse_args(["--data", str(path), "--field", "question", "--method", method, "--preset", "tiny",
+                               "--generator", str(backbone), "--answerer", str(backbone), "--student", str(backbone),
+                               "--dtype", "fp32", *extra])
+    for k, v in kw.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+@pytest.mark.parametrize("method", ["np", "pt", "train"])
+def test_custom_target_end_to_end(tiny_backbone, tmp_path, method, monkeypatch):
+    """--data FILE: every step runs on the user's file; its held-out 10% is the test side and is never
+    trained on, never a PT seed, never in the train arm; the report names the file and its sha256,
+    says there is no task metric, and gives the answer loss on the test side."""
+    monkeypatch.setattr(pl.answers, "gate", lambda task, text, finished: None if text.strip() else "empty")
+    path = write_custom(tmp_path / "mine.jsonl")
+    cfg = custom_cfg(tiny_backbone, path, method, "--answer-field", "answer")
+    assert cfg.task == pl.CUSTOM
+    out = pl.run_pipeline(cfg, str(tmp_path / method))
+    state = json.loads((out / "state.json").read_text())
+    assert list(state) == (["train"] if method == "np" else []) + ["generate", "answer", "decontam", "finetune",
+                                                                   "evaluate"]
+    examples = data.load_examples(str(path), field="question", answer_field="answer")
+    held_in, test = data.split_heldout(examples, 4, seed=0)      # 10% of 40, drawn with --seed 0
+    assert pl.target_split(cfg) == (held_in, test)
+    test_q = {e.text for e in test}
+    if method == "np":       # SoftSRV trained on the held-in records only
+        assert [r["text"] for r in data.read_jsonl(out / pl.TARGET_TRAIN)] == [e.text for e in held_in]
+        assert json.loads((out / "softsrv" / "config.json").read_text())["n_train"] == 36 - 3
+    if method == "pt":       # seeds from the held-in records, the generic templates
+        seeds = {r["context_id"] for r in data.read_jsonl(out / "pt_completions.jsonl")}
+        assert seeds and seeds <= {e.id for e in held_in}
+        assert json.loads((out / "report.json").read_text())["templates"] == pl.TEMPLATES["generic"]
+        assert "PT templates: generic" in (out / "report.md").read_text()
+    rows = data.read_jsonl(out / "data.jsonl")
+    assert rows and not test_q & {r["question"] for r in rows}
+    if method == "train":    # the control: held-in records with their reference answers
+        ref = {e.text: e.answer for e in held_in}
+        assert len(rows) == 12 and all(ref[r["question"]] == r["answer"] for r in rows)
+    curve = state["evaluate"]["curve"]
+    assert [c["step"] for c in curve] == [0] + state["finetune"]["checkpoints"]
+    assert all(c["score"] is None and c["metric"] is None and c["answer_loss"] > 0 and c["n"] == 4 for c in curve)
+    m = state["evaluate"]["mauve"]
+    assert (m["test"]["n_ref"], m["train"]["n_ref"]) == (4, 36) and 0 <= m["test"]["mauve"] <= 1
+    report = (out / "report.md").read_text()
+    assert f"`{path}` (sha256 `{data.file_sha256(path)}`)" in report and "36 held-in records" in report
+    assert "No task metric" in report and "| step | held-out answer loss |" in report and "None" not in report
+    assert "10% of the file held out" in report and "against the held-in records: **" in report
+
+
+def test_custom_target_test_file_and_no_answers(tiny_backbone, tmp_path, monkeypatch):
+    """--test FILE is the test side (all of --data trains); without --answer-field there is no answer
+    loss, and the report says so; a changed data file is refused on resume."""
+    monkeypatch.setattr(pl.answers, "gate", lambda task, text, finished: None if text.strip() else "empty")
+    path, test = write_custom(tmp_path / "mine.jsonl", 30, answers=False), write_custom(tmp_path / "t.jsonl", 5)
+    cfg = custom_cfg(tiny_backbone, path, "mc", "--test", str(test))
+    assert [len(x) for x in pl.target_split(cfg)] == [30, 5]
+    out = pl.run_pipeline(cfg, str(tmp_path / "r"))
+    curve = json.loads((out / "state.json").read_text())["evaluate"]["curve"]
+    assert all(c["answer_loss"] is None for c in curve)
+    report = (out / "report.md").read_text()
+    assert "No held-out answer loss either" in report and f"`{test}` (sha256" in report
+    write_custom(path, 31, answers=False)
+    with pytest.raises(ValueError, match="data_sha256"):
+        pl.run_pipeline(custom_cfg(tiny_backbone, path, "mc", "--test", str(test)), str(out))
+
+
+def test_custom_fewshot_shots_are_held_in_records(tiny_backbone, tmp_path):
+    path = write_custom(tmp_path / "mine.jsonl")
+    cfg = custom_cfg(tiny_backbone, path, "mc", "--answer-field", "answer", "--answer-format", "fewshot")
+    answerer = pl.make_answerer(pl.Run(cfg, tmp_path / "r"))
+    held_in, _ = pl.target_split(cfg)
+    assert answerer.shots == held_in[:3]
+    prompt = answerer.tok.decode(answerer.prompt_ids("Which comet?"))
+    assert prompt.startswith(pl.answers.EXAMPLE.format(q=held_in[0].text, a=held_in[0].answer) + "\n\n")
+    assert prompt.endswith("Question: Which comet?\nAnswer:")
+    assert pl.answers.gate(pl.CUSTOM, "The comet 3", True) is None      # custom: unfinished/loop/empty only
+    assert pl.answers.gate(pl.CUSTOM, "The comet 3", False) == "unfinished"
+
+
+def test_pt_template_file_and_generic_parse(tmp_path):
+    t = tmp_path / "t.json"
+    t.write_text(json.dumps({"question": "Like this: {q} More, Example 1:", "refine": "{q} / {c} Stop"}))
+    cfg, _, _ = pl.parse_args(["--data", str(tmp_path / "x.jsonl"), "--method", "pt", "--pt-template", str(t)])
+    T = pl.templates(cfg)
+    assert T["question"] == "Like this: {q} More, Example 1:" and T["answer"] == pl.TEMPLATES["generic"]["answer"]
+    assert pl.parse_numbered("First one? Example 2: Second one?\nExample 3: Third?") == [
+        "First one?", "Second one?", "Third?"]
+
+
+@pytest.mark.parametrize("case,what", [
+    ("missing", "field 'answer' missing or unusable in 3 of 12 records"),
+    ("empty_test", "no examples"),
+    ("too_few", "too few to hold out 10%"),
+    ("template", "must contain {q}"),
+    ("softsrv_too_few", "fewer than the 1 it holds out + a batch of 4"),
+])
+def test_custom_bad_input_is_one_line_and_leaves_no_run(tmp_path, case, what):
+    path = write_custom(tmp_path / "mine.jsonl", 12)
+    argv = ["--data", str(path), "--field", "question", "--answer-field", "answer", "--method", "pt",
+            "--preset", "tiny", "--out", str(tmp_path / "run")]
+    if case == "missing":
+        rows = data.read_jsonl(path)
+        for r in rows[2:5]:
+            del r["answer"]
+        data.write_jsonl(path, rows)
+    elif case == "empty_test":
+        (tmp_path / "t.jsonl").write_text("\n")
+        argv += ["--test", str(tmp_path / "t.jsonl")]
+    elif case == "too_few":
+        write_custom(path, 1)
+    elif case == "template":
+        (tmp_path / "t.json").write_text(json.dumps({"question": "Generate 10 more. Example 1:"}))
+        argv += ["--pt-template", str(tmp_path / "t.json")]
+    elif case == "softsrv_too_few":
+        write_custom(path, 5)
+        argv[argv.index("pt")] = "mc"
+    with pytest.raises(SystemExit) as e:
+        pl.main(argv)
+    assert what in str(e.value) and "\n" not in str(e.value), str(e.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_custom_options_refused_in_one_line(tmp_path, capsys):
+    f = str(tmp_path / "x.jsonl")
+    for argv, what in ((["--data", f, "--method", "train"], "--method train"),
+                       (["--data", f, "--answer-format", "fewshot"], "--answer-format fewshot"),
+                       (["--data", f, "--task", "gsm8k"], "--task and --data"),
+                       (["--answer-field", "a"], "applies to --data"),
+                       (["--data", f, "--pt-template", f], "--pt-template"),
+                       (["--data", "gsm8k"], "a registered dataset")):
+        with pytest.raises(SystemExit):
+            pl.parse_args(argv)
+        assert what in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:       # the help text formats (a bare % in it would not)
+        pl.parse_args(["--help"])
+    assert e.value.code == 0 and "--answer-field" in capsys.readouterr().out
