@@ -746,9 +746,10 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def shared_prefix(self, embeds: torch.Tensor) -> SharedPrefix:
         """The keys and values of a prefix [1, P, d] that every row of a RowCache will continue."""
-        cache = RowCache(self.cfg, 1, embeds.shape[1], dtype=self.dtype, device=self.device)
+        P = embeds.shape[1]
+        cache = RowCache(self.cfg, 1, P, dtype=self.dtype, device=self.device)
         self.hidden_states(embeds.to(self.dtype), cache=cache)
-        return SharedPrefix(cache.k[:, 0].contiguous(), cache.v[:, 0].contiguous())
+        return SharedPrefix(cache.k[:, 0, :, :P].contiguous(), cache.v[:, 0, :, :P].contiguous())
 
     def new_row_cache(self, batch: int, max_len: int, prefix: SharedPrefix | None = None) -> "RowCache":
         return RowCache(self.cfg, batch, max_len, dtype=self.dtype, device=self.device, prefix=prefix)

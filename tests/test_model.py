@@ -482,8 +482,9 @@ def test_row_cache_refilled_rows_equal_each_sequence_alone(family, with_prefix, 
 
 def test_row_cache_overflow_is_an_error(llama):
     _, model = llama
-    cache = model.new_row_cache(2, 4)
-    cache.lengths[1] = 3
+    cache = model.new_row_cache(2, 60)
+    assert cache.max_len == 64                            # whole blocks of 64 slots
+    cache.lengths[1] = 63
     with pytest.raises(ValueError, match="KV cache"):
         model(model.embed(torch.zeros(2, 2, dtype=torch.long)), cache=cache)
 
