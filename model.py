@@ -504,13 +504,20 @@ class Attention(nn.Module):
         row) and each row's own keys k, v [B, Hkv, S, hd]; masks = (row mask [B, 1, T, S], prefix
         mask [B, 1, T, P] or None = all visible). The scores of both parts go through one softmax;
         each kv head's queries of all rows are one matmul against the prefix, so the prefix is read
-        once per step, not once per row. Written out rather than SDPA, whose result for a row changes
-        with the number of (masked) keys, i.e. with the other rows' lengths; the batched matmuls here
-        give a row the same result whatever the batch as long as the keys come in whole blocks of 64
-        (measured: fp32 and bf16, head_dim 12-64, 1-16 rows, 64-1024 keys; at other key counts MKL's
-        kernel choice moves the last bit)."""
+        once per step, not once per row.
+        A row's result must not depend on the other rows (RowCache): the keys come in whole blocks of
+        64, and with that these batched matmuls give a row the same result at any batch size and key
+        count (measured: fp32 and bf16, head_dim 12-64, 1-16 rows, 64-1024 keys; at other key counts
+        the kernels' blocking moves the last bits). SDPA does not, even so (its result for one row
+        moved with the batch in a decode step), so it only runs the prefill of a single row without a
+        prefix (one prompt's prefill, whose shapes depend on that prompt alone): the fused kernel
+        does not hold [T, S] scores in memory.
+        """
         row_mask, prefix_mask = masks
         B, H, T, hd = q.shape
+        if prefix is None and self.softcap is None and B == 1 and T > 1:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=row_mask, scale=self.scale,
+                                                  enable_gqa=self.cfg.n_kv_head != self.cfg.n_head)
         Hkv = k.shape[1]
         rep = H // Hkv
         qg = q.reshape(B, Hkv, rep * T, hd)                       # the queries of each kv head

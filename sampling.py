@@ -190,7 +190,7 @@ def generate_from_ids(model: Transformer, prompts: list[list[int]], max_new_toke
         return (out, finished) if return_finished else out
     dev = model.device
     shared = model.shared_prefix(model.embed(torch.tensor([prefix], device=dev))) if prefix else None
-    waiting = deque(sorted(range(n), key=lambda i: len(prompts[i])))     # similar lengths prefill together
+    waiting = deque(range(n))                  # prompts not yet in a row, taken in input order
     B = min(batch_size, n)
     cache = model.new_row_cache(B, max(map(len, prompts)) + max_new_tokens, prefix=shared)
     row = [-1] * B                             # prompt in each row, -1: free
