@@ -29,6 +29,14 @@ def left_pad(rows) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 
+def _as_rows(x: torch.Tensor, fn):
+    """fn(x) for x [B, V], with B = 1 computed as two copies of the row: a reduction over one row
+    (logsumexp, cumsum, softmax) is split across threads or vector lanes differently from the same
+    row in a batch, which moves its last bits, and a top-p cut or a draw near a boundary with them.
+    So a prompt's tokens do not change when it decodes alone (generate_from_ids)."""
+    return fn(x) if x.shape[0] != 1 else fn(x.expand(2, *x.shape[1:]))[:1]
+
+
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """Set to -inf every logit outside the top-k and outside the top-p nucleus.
 
@@ -44,14 +52,16 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     if top_p < 1.0:
         V = logits.shape[-1]
         flat = logits.reshape(-1, V)
-        log_total = flat.logsumexp(-1, keepdim=True)
+        log_total = _as_rows(flat, lambda x: x.logsumexp(-1, keepdim=True))
         cut = flat.new_empty(flat.shape[0], 1)             # per row: the smallest logit it keeps
         todo, k = torch.arange(flat.shape[0], device=flat.device), min(256, V)
         while len(todo):
-            sub = flat[todo]
+            n = len(todo)
+            sub = flat[todo] if n > 1 else flat[todo].expand(2, -1)    # see _as_rows
             top = sub.sort(-1, descending=True).values if k >= V else sub.topk(k, -1).values
             p = (top - log_total[todo]).exp()
-            before = p.cumsum(-1) - p                      # mass of the tokens above each one
+            before = (p.cumsum(-1) - p)[:n]                # mass of the tokens above each one
+            top, p = top[:n], p[:n]
             found = (before[:, -1] + p[:, -1] >= top_p) | (k >= V)
             n_keep = (before[found] < top_p).sum(-1, keepdim=True).clamp(min=1)
             cut[todo[found]] = top[found].gather(-1, n_keep - 1)
@@ -148,9 +158,9 @@ def _pick(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, ge
     """The next token of each row: argmax at temperature 0, else a draw with the row's own generator."""
     if temperature == 0:
         return logits.argmax(-1)
-    probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
-    u = torch.cat([torch.rand(1, generator=g, device=probs.device, dtype=probs.dtype) for g in generators])
-    return draw(probs, uniform=u)
+    u = torch.cat([torch.rand(1, generator=g, device=logits.device, dtype=torch.float32) for g in generators])
+    return _as_rows(torch.cat([logits, u[:, None]], -1), lambda x: draw(
+        filter_logits(x[:, :-1] / temperature, top_k, top_p).softmax(-1), uniform=x[:, -1]))
 
 
 @torch.no_grad()
