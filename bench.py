@@ -21,6 +21,16 @@ Workloads (tok/s counts every token the step processes):
 - finetune: one full-weight step on packed 512-token rows (several examples per row, AdamW, fp32
   weights, bf16 autocast for --dtype bf16 as the fine-tuning does). Ours uses segment_ids;
   transformers gets the equivalent per-example block-causal 4-D mask and per-example position_ids.
+- answer: the pipeline's answer step: GSM8K train questions as chat-format user turns, greedy, EOS
+  or the 256-token cap, batch 16; rows end at their own length (many early, some at the cap).
+- fewshot: eval.py's 5-shot GSM8K: 5 train exemplars + a test question, greedy, up to 256 tokens,
+  stopped at the next "Question:", batch 8.
+  These two count the generated tokens (up to EOS / the stop) per second and time three or four
+  sides on the same prompts: "before" (the sampler until issue 25: sorted batches, each decoded
+  until its last row ends), "continuous" (continuous batching, whole prompts; fewshot only), "after"
+  (continuous batching, and for fewshot the shots prefilled once) and transformers' generate
+  (batches of the same size, left-padded; fewshot stops with a per-row StoppingCriteria).
+  `--only answer,fewshot` runs just these.
 
 transformers is a test-only dependency: install it with `pip install -r requirements-dev.txt`.
 """
@@ -40,9 +50,9 @@ import torch
 import torch.nn.functional as F
 
 from runtime import dtype_of, keep_freed_memory
-from sampling import sample
+from sampling import generate_from_ids, left_pad, sample, split_common_prefix, stop_on
 from softsrv import SoftPromptMC, pad_targets, softsrv_loss
-from weights import DEFAULT_MODEL, load_model, resolve_model_dir
+from weights import DEFAULT_MODEL, load_model, load_tokenizer, resolve_model_dir
 
 TORCH_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -62,13 +72,21 @@ class BenchConfig:
     train_tokens: int = 64
     finetune_rows: int = 2
     finetune_len: int = 512
+    answer_prompts: int = 48       # the answer step: chat-format GSM8K questions, greedy, <= 256 tokens
+    answer_batch: int = 16
+    answer_cap: int = 256
+    fewshot_items: int = 16        # k-shot GSM8K evaluation: 5 shots, greedy, stop at "Question:"
+    fewshot_shots: int = 5
+    fewshot_batch: int = 8
+    fewshot_cap: int = 256
     seed: int = 0
 
     @classmethod
     def quick(cls, **kw) -> "BenchConfig":
         return cls(**{**dict(repeats=1, decode_batches=(1, 4), decode_new=8, prefill_batch=2,
                              prefill_tokens=16, train_batch=2, train_tokens=16, finetune_rows=1,
-                             finetune_len=128), **kw})
+                             finetune_len=128, answer_prompts=6, answer_batch=4, answer_cap=16,
+                             fewshot_items=4, fewshot_shots=2, fewshot_batch=2, fewshot_cap=16), **kw})
 
 
 def load_transformers(folder, dtype):
@@ -261,6 +279,101 @@ def finetune_pair(folder, dtype, cfg: BenchConfig):
 
 
 # ----------------------------------------------------------------------------------------------
+# Generation workloads (issue 25): the sampler before and after continuous batching
+
+@torch.no_grad()
+def batch_at_a_time(model, prompts, max_new_tokens, eos_id, stop=None, batch_size=16):
+    """The sampler until issue 25 ("before"), greedy: prompts sorted by length, cut into batches,
+    each left-padded and decoded by `sample` until its last row ends (a row leaves its batch when it
+    ends, and no waiting prompt takes its place)."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out = [[] for _ in prompts]
+    for s in range(0, len(order), batch_size):
+        rows = order[s:s + batch_size]
+        ids, mask = left_pad([prompts[i] for i in rows])
+        gen = sample(model, model.embed(ids.to(model.device)), max_new_tokens, temperature=0, eos_id=eos_id,
+                     attention_mask=mask.to(model.device), stop=stop)
+        for i, toks in zip(rows, gen):
+            out[i] = toks
+    return out
+
+
+def hf_generate(hf, prompts, max_new_tokens, eos_id, stop=None, batch_size=16, pad_id=0):
+    """transformers' generate with the same settings: greedy, the same batches' size, left padding,
+    EOS; `stop` (our stop_on callback) as a per-row StoppingCriteria. Returns each prompt's tokens up
+    to EOS (excluded) or the stop (included), as ours counts them."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class Stop(StoppingCriteria):
+        def __init__(self, start):
+            self.start = start
+
+        def __call__(self, input_ids, scores, **kw):
+            return torch.tensor([bool(stop(row[self.start:].tolist())) for row in input_ids])
+    out = []
+    for s in range(0, len(prompts), batch_size):
+        ids, mask = left_pad(prompts[s:s + batch_size])
+        crit = StoppingCriteriaList([Stop(ids.shape[1])]) if stop is not None else None
+        with torch.no_grad():
+            gen = hf.generate(input_ids=ids, attention_mask=mask.long(), do_sample=False, max_new_tokens=max_new_tokens,
+                              eos_token_id=eos_id, pad_token_id=pad_id, stopping_criteria=crit)
+        for row in gen[:, ids.shape[1]:].tolist():
+            toks = []
+            for t in row:
+                if t == eos_id:
+                    break
+                toks.append(t)
+                if stop is not None and stop(toks):
+                    break
+            out.append(toks)
+    return out
+
+
+def gsm8k_items(split: str, n: int):
+    import data
+    return data.load_examples("gsm8k", split, limit=n)
+
+
+def answer_sides(model, hf, tok, cfg: BenchConfig) -> dict:
+    """The answer step's decode: {side: call returning the generated token lists}."""
+    from tokenizer import qa_prompt_ids
+    prompts = [qa_prompt_ids(tok, e.text) for e in gsm8k_items("train", cfg.answer_prompts)]
+    args = (prompts, cfg.answer_cap, tok.eos_id)
+    return {"before": lambda: batch_at_a_time(model, *args, batch_size=cfg.answer_batch),
+            "after": lambda: generate_from_ids(model, *args, batch_size=cfg.answer_batch),
+            "hf": lambda: hf_generate(hf, *args, batch_size=cfg.answer_batch)}
+
+
+def fewshot_sides(model, hf, tok, cfg: BenchConfig) -> dict:
+    """eval.py's k-shot GSM8K decode: {side: call returning the generated token lists}."""
+    from eval import GSM8K_STOPS, gsm8k_prompt
+    shots = gsm8k_items("train", cfg.fewshot_shots)
+    prompts = [tok.encode(gsm8k_prompt(shots, e.text)) for e in gsm8k_items("test", cfg.fewshot_items)]
+    prefix, rest = split_common_prefix(prompts)
+    stop = stop_on(tok, GSM8K_STOPS)
+    kw = dict(stop=stop, batch_size=cfg.fewshot_batch)
+    return {"before": lambda: batch_at_a_time(model, prompts, cfg.fewshot_cap, tok.eos_id, **kw),
+            "continuous": lambda: generate_from_ids(model, prompts, cfg.fewshot_cap, tok.eos_id, **kw),
+            "after": lambda: generate_from_ids(model, rest, cfg.fewshot_cap, tok.eos_id, prefix=prefix, **kw),
+            "hf": lambda: hf_generate(hf, prompts, cfg.fewshot_cap, tok.eos_id, **kw)}
+
+
+def race_sides(sides: dict, repeats: int, log=print) -> dict:
+    """Median generated tokens per second of each side, the sides run in turn (the order rotates
+    every repeat), after one untimed warm-up each. Also the token count and rows at the cap."""
+    stats = {}
+    for name, fn in sides.items():
+        toks = fn()
+        stats[name] = {"tokens": sum(map(len, toks)), "times": []}
+    names = list(sides)
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            stats[name]["times"].append(timed(sides[name]))
+    return {n: {"tok_s": round(st["tokens"] / statistics.median(st["times"]), 2), "tokens": st["tokens"],
+                "seconds": round(statistics.median(st["times"]), 2)} for n, st in stats.items()}
+
+
+# ----------------------------------------------------------------------------------------------
 
 def timed(fn) -> float:
     t0 = time.perf_counter()
@@ -280,7 +393,10 @@ def race(ours, theirs, tokens: int, repeats: int) -> tuple[float, float]:
     return tokens / statistics.median(a), tokens / statistics.median(b)
 
 
-def bench_dtype(name: str, cfg: BenchConfig, log=print) -> dict:
+WORKLOADS = ("decode", "prefill", "train", "finetune", "answer", "fewshot")
+
+
+def bench_dtype(name: str, cfg: BenchConfig, log=print, workloads=WORKLOADS) -> dict:
     dtype = TORCH_DTYPE[name]
     folder = resolve_model_dir(cfg.model)
     model = load_model(folder, dtype=dtype)
@@ -303,12 +419,23 @@ def bench_dtype(name: str, cfg: BenchConfig, log=print) -> dict:
         log(f"[{name}] {label:<12} ours {ours_tok_s:8.1f} tok/s   transformers {hf_tok_s:8.1f} tok/s   "
             f"ratio {ours_tok_s / hf_tok_s:5.2f}x   {share:6.1%} of matmul   load {load_average():.2f}")
 
-    for b in cfg.decode_batches:
-        record("decode_tok_s", *race(*decode_pair(model, hf, b, cfg), cfg.repeats), 1, sub=b)
-    record("prefill_tok_s", *race(*prefill_pair(model, hf, cfg), cfg.repeats), 1)
-    record("train_tok_s", *race(*train_pair(model, hf, cfg), cfg.repeats), 2)
+    if "decode" in workloads:
+        for b in cfg.decode_batches:
+            record("decode_tok_s", *race(*decode_pair(model, hf, b, cfg), cfg.repeats), 1, sub=b)
+    if "prefill" in workloads:
+        record("prefill_tok_s", *race(*prefill_pair(model, hf, cfg), cfg.repeats), 1)
+    if "train" in workloads:
+        record("train_tok_s", *race(*train_pair(model, hf, cfg), cfg.repeats), 2)
+    tok = load_tokenizer(folder) if {"answer", "fewshot"} & set(workloads) else None
+    for w, sides in (("answer", answer_sides), ("fewshot", fewshot_sides)):
+        if w in workloads:
+            res[w] = race_sides(sides(model, hf, tok, cfg), cfg.repeats)
+            res["load_avg"][w] = round(load_average(), 2)
+            log(f"[{name}] {w:<12} " + "   ".join(f"{k} {v['tok_s']:7.1f} tok/s" for k, v in res[w].items())
+                + f"   ({res[w]['after']['tokens']} tokens; load {load_average():.2f})")
     del model, hf
-    record("finetune_tok_s", *race(*finetune_pair(folder, dtype, cfg), cfg.repeats), 3)
+    if "finetune" in workloads:
+        record("finetune_tok_s", *race(*finetune_pair(folder, dtype, cfg), cfg.repeats), 3)
     return res
 
 
@@ -321,16 +448,21 @@ def auto_dtype() -> str:
     return "bf16" if dtype_of("auto") == torch.bfloat16 else "fp32"
 
 
-def run(cfg: BenchConfig, dtypes: list[str], log=print) -> dict:
-    torch.set_num_threads(os.cpu_count() or 1)
+def threads() -> int:
+    """OMP_NUM_THREADS when set (e.g. 1 on a machine other jobs share), else every core."""
+    return int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count() or 1
+
+
+def run(cfg: BenchConfig, dtypes: list[str], log=print, workloads=WORKLOADS) -> dict:
+    torch.set_num_threads(threads())
     info = cpu_info()
     log(f"CPU: {info['model']} ({info['cores']} cores); flags {' '.join(info['flags'])}; "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; load {load_average():.2f}")
-    by_dtype = {name: bench_dtype(name, cfg, log) for name in dtypes}
+    by_dtype = {name: bench_dtype(name, cfg, log, workloads) for name in dtypes}
     top = auto_dtype()                                                 # the default dtype's figures
     top = top if top in by_dtype else dtypes[0]
     main = by_dtype[top]
-    out = {k: main[k] for k in KEYS}
+    out = {k: main[k] for k in KEYS + ["answer", "fewshot"] if k in main}
     shape = by_dtype[dtypes[0]]["mlp_shape"]
     ceilings = {n: by_dtype[n]["matmul_gflops"] if n in by_dtype else round(matmul_gflops(*shape, TORCH_DTYPE[n]), 1)
                 for n in TORCH_DTYPE}
@@ -343,11 +475,22 @@ def run(cfg: BenchConfig, dtypes: list[str], log=print) -> dict:
 
 def table(out: dict) -> str:
     lines = ["| workload | dtype | ours tok/s | transformers tok/s | ratio | share of matmul |", "|---|---|---|---|---|---|"]
+    gen = []
     for name, r in out["by_dtype"].items():
-        rows = [(f"decode b{b}", r["decode_tok_s"][b], r["hf_decode_tok_s"][b], f"decode b{b}") for b in r["decode_tok_s"]]
-        rows += [(k, r[f"{k}_tok_s"], r[f"hf_{k}_tok_s"], k) for k in ("prefill", "train", "finetune")]
+        rows = [(f"decode b{b}", r["decode_tok_s"][b], r["hf_decode_tok_s"][b], f"decode b{b}") for b in r.get("decode_tok_s", {})]
+        rows += [(k, r[f"{k}_tok_s"], r[f"hf_{k}_tok_s"], k) for k in ("prefill", "train", "finetune") if f"{k}_tok_s" in r]
         for label, a, b, key in rows:
             lines.append(f"| {label} | {name} | {a:.1f} | {b:.1f} | {a / b:.2f}x | {r['share_of_matmul'][key]:.0%} |")
+        for w in ("answer", "fewshot"):
+            if w in r:
+                sides = r[w]
+                gen.append(f"| {w} | {name} | " + " | ".join(f"{sides[k]['tok_s']:.1f}" if k in sides else "-"
+                                                             for k in ("before", "continuous", "after", "hf"))
+                           + f" | {sides['after']['tok_s'] / sides['before']['tok_s']:.2f}x"
+                           + f" | {sides['after']['tok_s'] / sides['hf']['tok_s']:.2f}x | {sides['after']['tokens']} |")
+    if gen:
+        lines += ["", "| generation | dtype | before tok/s | continuous | after | transformers | after/before "
+                      "| after/transformers | tokens |", "|---|---|---|---|---|---|---|---|---|"] + gen
     lines.append(f"\nmatmul ceiling: fp32 {out['matmul_gflops_fp32']} GFLOP/s, bf16 {out['matmul_gflops_bf16']} "
                  f"GFLOP/s; peak RSS {out['peak_rss_mb']:.0f} MB; CPU {out['cpu_model']}: {' '.join(out['cpu_flags'])}")
     return "\n".join(lines)
@@ -382,12 +525,16 @@ def main(argv=None):
            "whose figures the top-level JSON keys hold when it ran (default auto)")
     a("--repeats", type=int, help="timed runs of each workload per side; the median counts (default 3, quick 1)")
     a("--json", help="also write the results to this JSON file")
+    a("--answer-prompts", type=int, help="prompts of the answer workload (default 48)")
+    a("--fewshot-items", type=int, help="questions of the fewshot workload (default 16)")
     a("--quick", action="store_true", help="a smoke run: batches 1/4, 8 new tokens, short rows, one repeat")
+    a("--only", help=f"comma-separated workloads to run (default all: {','.join(WORKLOADS)})")
     a("--profile", metavar="WORKLOAD",
       help="instead of the race: profile our side of one workload (decode1, decode16, decode64, prefill, train, "
            "finetune; decode<B> takes any batch size) and print torch.profiler's per-op table")
     args = p.parse_args(argv)
     kw = {"model": args.model} | ({"repeats": args.repeats} if args.repeats else {})
+    kw |= {k: v for k, v in (("answer_prompts", args.answer_prompts), ("fewshot_items", args.fewshot_items)) if v}
     if args.repeats is not None and args.repeats < 1:
         p.error("--repeats must be at least 1")
     cfg = BenchConfig.quick(**kw) if args.quick else BenchConfig(**kw)
@@ -398,14 +545,18 @@ def main(argv=None):
             p.error(f"--profile {w}: expected decode<batch> (e.g. decode64), prefill, train or finetune")
         if len(dtypes) > 1:
             p.error("--profile takes one precision: --dtype auto, fp32 or bf16")
-        torch.set_num_threads(os.cpu_count() or 1)
+        torch.set_num_threads(threads())
         try:
             print(profile(cfg, w, dtypes[0]))
         except ValueError as e:
             sys.exit(f"error: {e}")
         return
+    workloads = WORKLOADS if not args.only else tuple(args.only.split(","))
+    if set(workloads) - set(WORKLOADS):
+        p.error(f"--only: unknown workload(s) {', '.join(sorted(set(workloads) - set(WORKLOADS)))}; "
+                f"choose from {', '.join(WORKLOADS)}")
     try:
-        out = run(cfg, dtypes)
+        out = run(cfg, dtypes, workloads=workloads)
     except ValueError as e:
         sys.exit(f"error: {e}")
     print(table(out))

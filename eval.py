@@ -41,7 +41,7 @@ import mauve
 import sandbox
 from data import atomic_write
 from runtime import DTYPES, dtype_of, keep_freed_memory
-from sampling import cut_at, generate_from_ids, stop_on
+from sampling import cut_at, generate_from_ids, split_common_prefix, stop_on
 from tokenizer import PLAIN_QA, qa_answer_ids, qa_prompt_ids
 from weights import DEFAULT_MODEL, load_model, load_tokenizer
 
@@ -163,9 +163,11 @@ def _same_number(a: float | None, b: float) -> bool:
 
 
 def run_gsm8k(model, tok, items, shots, batch_size):
+    # the shots' tokens (the same in every prompt) are prefilled once and shared by every row
     prompts = [tok.with_bos(tok.encode(gsm8k_prompt(shots, e.text))) for e in items]
-    gen = generate_from_ids(model, prompts, 256, tok.eos_id, stop=stop_on(tok, GSM8K_STOPS),
-                            batch_size=batch_size, progress=True)
+    prefix, rest = split_common_prefix(prompts) if shots else ([], prompts)
+    gen = generate_from_ids(model, rest, 256, tok.eos_id, stop=stop_on(tok, GSM8K_STOPS),
+                            batch_size=batch_size, progress=True, prefix=prefix)
     records = []
     for e, g in zip(items, gen):
         completion = cut_at(tok.decode(g), GSM8K_STOPS).strip()
@@ -194,8 +196,9 @@ def mbpp_prompt(shots: list[data.Example], e: data.Example) -> str:
 
 def run_mbpp(model, tok, items, shots, batch_size):
     prompts = [tok.with_bos(tok.encode(mbpp_prompt(shots, e))) for e in items]
-    gen = generate_from_ids(model, prompts, 384, tok.eos_id, stop=stop_on(tok, MBPP_STOPS),
-                            batch_size=batch_size, progress=True)
+    prefix, rest = split_common_prefix(prompts) if shots else ([], prompts)
+    gen = generate_from_ids(model, rest, 384, tok.eos_id, stop=stop_on(tok, MBPP_STOPS),
+                            batch_size=batch_size, progress=True, prefix=prefix)
     codes = [cut_at(tok.decode(g), MBPP_STOPS).strip() for g in gen]
     jobs = [(c, e.meta["test_list"]) for c, e in zip(codes, items)]
     results = sandbox.run_tests_many(jobs, timeout_s=10.0, progress=True,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import json
 import sys
 import time
@@ -140,33 +141,80 @@ def compute_mauve(p_features, q_features, num_buckets="auto", pca_explained_var:
 # ----------------------------------------------------------------------------------------------
 # Step 1: texts -> features, with SoftSRV's context encoder E and its cache
 
+def _device() -> str:
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 @functools.lru_cache(maxsize=1)
 def _encoder(model: str, dtype: str, max_tokens: int, batch_size: int):
-    """E for `model`, loaded once per process (featurizing p and q shares it)."""
-    import torch
+    """E for `model`, loaded once per process (featurizing p and q shares it), and only when a text
+    is not in the feature cache."""
     from softsrv import ContextEncoder
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = _device()
     lm = load_model(model, dtype=dtype_of(dtype, device), device=device)
     return ContextEncoder(lm, load_tokenizer(model), max_tokens=max_tokens, batch_size=batch_size)
 
 
-def featurize(texts: list[str], model: str = DEFAULT_MODEL, dtype: str = "bf16", batch_size: int = 16,
+def _text_key(text: str) -> bytes:
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+
+
+def feature_dir(model: str, dtype: str, max_tokens: int) -> Path:
+    """Where E(x) features of (model, resolved dtype, max_tokens) are cached, text by text: shards of
+    (text hash, feature) rows under the context cache (SOFTSRV_CACHE/features)."""
+    import softsrv
+    key = hashlib.sha256(f"{model}|{dtype}|{max_tokens}".encode()).hexdigest()[:20]
+    return softsrv.CACHE_DIR / "features" / key
+
+
+def _cached_features(folder: Path) -> dict[bytes, np.ndarray]:
+    from safetensors.numpy import load_file
+    known: dict[bytes, np.ndarray] = {}
+    for shard in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
+        try:
+            t = load_file(str(shard))
+        except Exception:                       # a torn or foreign file: ignore it, it is rewritten
+            continue
+        known.update(zip(map(bytes, t["hash"]), t["z"]))
+    return known
+
+
+def featurize(texts: list[str], model: str = DEFAULT_MODEL, dtype: str = "auto", batch_size: int = 16,
               max_tokens: int = 256, progress: bool = True) -> np.ndarray:
-    """texts -> [n, d] float32: E(x) of each text (App. A.7: the same LM as the context encoder),
-    cached on disk by (model, dtype, max_tokens, texts) like every other context vector."""
-    from softsrv import context_vectors
+    """texts -> [n, d] float32: E(x) of each text (App. A.7: the same LM as the context encoder), in
+    the run's precision ('auto': model.dtype_of's choice for this machine).
+
+    Cached text by text under (model, precision, max_tokens): a text featurized once, by any run or
+    set (the train fold, the test questions), is read back, and only new texts load and run the
+    encoder. A text's feature is the one of the batch it was first encoded in (batches differ in
+    the last bits, as in any batched forward)."""
+    from safetensors.numpy import save_file
     if len(texts) == 0:
         raise ValueError("featurize: no texts")
     if dtype not in DTYPES:
         raise ValueError(f"featurize: dtype must be one of {DTYPES}, got {dtype!r}")
-    encoder = _encoder(str(model), dtype, max_tokens, batch_size)
-    fp = data.fingerprint(data.Example(t, str(i)) for i, t in enumerate(texts))
-    return context_vectors(encoder, str(model), list(texts), fp, progress=progress).numpy().astype(np.float32)
+    import torch
+    resolved = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype_of(dtype, _device())]
+    folder = feature_dir(str(model), resolved, max_tokens)
+    known = _cached_features(folder)
+    keys = [_text_key(t) for t in texts]
+    todo = list(dict.fromkeys(k for k in keys if k not in known))
+    if todo:
+        first = {k: t for k, t in zip(keys, texts)}
+        encoder = _encoder(str(model), resolved, max_tokens, batch_size)
+        z = encoder([first[k] for k in todo], progress=progress).numpy().astype(np.float32)
+        known.update(zip(todo, z))
+        digest = hashlib.sha256(b"".join(todo)).hexdigest()[:20]
+        shard = {"hash": np.frombuffer(b"".join(todo), dtype=np.uint8).reshape(len(todo), -1), "z": z}
+        data.atomic_write(folder / f"{digest}.safetensors", lambda tmp: save_file(shard, str(tmp)))
+    return np.stack([known[k] for k in keys]).astype(np.float32)
 
 
-def mauve_texts(p_texts: list[str], q_texts: list[str], model: str = DEFAULT_MODEL, **compute_kw) -> MauveResult:
-    """MAUVE of generated texts p_texts against reference texts q_texts."""
-    return compute_mauve(featurize(p_texts, model), featurize(q_texts, model), **compute_kw)
+def mauve_texts(p_texts: list[str], q_texts: list[str], model: str = DEFAULT_MODEL, dtype: str = "auto",
+                **compute_kw) -> MauveResult:
+    """MAUVE of generated texts p_texts against reference texts q_texts, features in `dtype`."""
+    return compute_mauve(featurize(p_texts, model, dtype), featurize(q_texts, model, dtype), **compute_kw)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -247,6 +295,8 @@ def cli(argv=None) -> MauveResult | None:
                      f"{PLOT_REQUIREMENT} (pip install -r requirements-plot.txt) (default: no plot)")
     a("--model", default=DEFAULT_MODEL, type=options.model, help=f"LM whose mean final hidden state is a text's feature, "
                                              f"as for the context encoder E (default {DEFAULT_MODEL})")
+    a("--dtype", choices=DTYPES, default="auto",
+      help="precision of the feature model; auto = what model.dtype_of picks on this machine (default auto)")
     a("--json", help="also write the score, the sizes, the histograms and the curve to this JSON file (default: none)")
     a("--seed", type=options.seed, default=1, help="k-means seed (default 1)")
     args = p.parse_args(argv)
@@ -257,7 +307,7 @@ def cli(argv=None) -> MauveResult | None:
         gen = _load_texts(args.gen, args.field, "--gen")
         ref = _load_texts(args.ref, args.ref_field, "--ref")
         print(f"texts: gen {args.gen} {len(gen)}, ref {args.ref} {len(ref)}", flush=True)
-        p_feat, q_feat = featurize(gen, args.model), featurize(ref, args.model)
+        p_feat, q_feat = featurize(gen, args.model, args.dtype), featurize(ref, args.model, args.dtype)
         print(f"features: {args.model}, {p_feat.shape[1]} dims, {time.time() - t0:.1f} s", flush=True)
         t1 = time.time()
         result = compute_mauve(p_feat, q_feat, num_buckets=args.buckets, seed=args.seed)

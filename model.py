@@ -19,7 +19,8 @@ finding, converting and loading weights, live in weights.py; the precision choic
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -101,6 +102,24 @@ _ONEDNN_PACK_BF16 = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.
                      and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+_ROW_INVARIANT = [False]     # inside row_invariant(): packed GEMMs at any number of rows
+
+
+@contextmanager
+def row_invariant():
+    """Inside it, a frozen weight's product with a row does not depend on how many rows there are:
+    every row count takes the packed GEMM (MKL's fp32, oneDNN's bf16), whose result for a row is
+    the same at 2 rows or 2,000, and one row is computed as two (MKL may take a GEMV path for one).
+    Plain F.linear switches kernels with the row count (one row: a GEMV), so a prompt's logits would
+    change with the batch it shares. RowCache forwards run inside it; so does the sampler's LM head."""
+    before = _ROW_INVARIANT[0]
+    _ROW_INVARIANT[0] = True
+    try:
+        yield
+    finally:
+        _ROW_INVARIANT[0] = before
+
+
 def _use_packed_gemm(x: torch.Tensor, w: torch.Tensor, rows: int) -> bool:
     """Whether a frozen weight's product with these rows takes a prepacked GEMM (docs/performance.md):
     fp32 through MKL's packed GEMM at 4-256 rows (below 4 rows the product is memory-bound, and from
@@ -109,6 +128,8 @@ def _use_packed_gemm(x: torch.Tensor, w: torch.Tensor, rows: int) -> bool:
     not where x's gradient is wanted."""
     if not x.is_cpu or x.dtype != w.dtype or (x.requires_grad and torch.is_grad_enabled()):
         return False
+    if _ROW_INVARIANT[0]:                  # a RowCache forward: every row count (see RowCache)
+        return _MKL_PACK if x.dtype == torch.float32 else x.dtype == torch.bfloat16 and _ONEDNN_PACK_BF16
     if x.dtype == torch.float32:
         return _MKL_PACK and 4 <= rows <= 256
     return x.dtype == torch.bfloat16 and _ONEDNN_PACK_BF16 and rows <= 128
@@ -147,6 +168,9 @@ def fused_linear(x: torch.Tensor, layers: list[nn.Module]) -> torch.Tensor:
     elif w.dtype == torch.float32:
         if packed is None:                             # only runs that use it pay its memory
             packed = cached[3] = torch.ops.mkl._mkl_reorder_linear_weight(w, 64)
+        if rows == 1 and _ROW_INVARIANT[0]:            # MKL may take a GEMV path for one row: two
+            return torch.ops.mkl._mkl_linear(x.reshape(1, -1).expand(2, -1), packed, w, bias, 2)[:1].view(
+                *x.shape[:-1], -1)
         y = torch.ops.mkl._mkl_linear(x, packed, w, bias, rows)
     else:
         if packed is None:
@@ -185,6 +209,83 @@ class KVCache:
         """Drop the rows where `keep` is False (finished samples stop costing compute)."""
         self.k, self.v = self.k[:, keep], self.v[:, keep]
         self.mask, self.pos, self.next_pos = self.mask[keep], self.pos[keep], self.next_pos[keep]
+
+
+class SharedPrefix:
+    """The keys and values of a token prefix every row shares (k-shot exemplars, a fixed instruction),
+    computed once by `Transformer.shared_prefix` and stored once: [n_layer, n_kv_head, length, head_dim].
+    Its tokens sit at positions 0..length-1; a RowCache built on it puts its rows after them."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor):
+        self.k, self.v = k, v
+
+    @property
+    def length(self) -> int:
+        return self.k.shape[2]
+
+
+class RowCache:
+    """A KV cache whose rows are independent sequences, each at its own length: continuous batching.
+
+    Row b holds its tokens in slots [0, lengths[b]) at positions prefix_len + slot, without padding,
+    so a row can be emptied (`lengths[b] = 0`) and refilled with a new prompt while the other rows
+    keep decoding. A block fed to it is right-padded (attention_mask True on each row's real tokens,
+    first): row b's block goes to slots lengths[b], lengths[b] + 1, ...; its padding writes past the
+    row's new length, where no real query looks and the next block overwrites it. The shared prefix,
+    if any, is not copied into the rows: every query attends to its one copy and then to its own row.
+    """
+
+    BLOCK = 64   # attention reads whole blocks of slots (see Attention._attend_rows)
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype=torch.float32, device="cpu",
+                 prefix: SharedPrefix | None = None):
+        max_len = -(-max_len // self.BLOCK) * self.BLOCK
+        shape = (cfg.n_layer, batch, cfg.n_kv_head, max_len, cfg.head_dim)
+        # zeros, not empty: slots a row has not written are attended (with weight 0) and must be finite
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        self.prefix = prefix
+        self._write = None       # set by Transformer.hidden_states for the block being run
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def prefix_len(self) -> int:
+        return 0 if self.prefix is None else self.prefix.length
+
+    def rows(self, start: int, stop: int) -> "RowCache":
+        """Rows start..stop-1 as a cache of their own that writes into this one (a view: no copy)."""
+        view = RowCache.__new__(RowCache)
+        view.k, view.v = self.k[:, start:stop], self.v[:, start:stop]
+        view.lengths, view.prefix, view._write = self.lengths[start:stop], self.prefix, None
+        return view
+
+    def keep_rows(self, keep: torch.Tensor):
+        """Keep only the rows where `keep` is True (in order); copies just the slots in use."""
+        used = int(self.lengths.max()) if self.batch else 0
+        k = torch.zeros_like(self.k[:, :int(keep.sum())])
+        v = torch.zeros_like(k)
+        k[:, :, :, :used], v[:, :, :, :used] = self.k[:, keep, :, :used], self.v[:, keep, :, :used]
+        self.k, self.v, self.lengths = k, v, self.lengths[keep]
+
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write a block's keys and values [B, Hkv, T, hd] at each row's slots; return the rows' keys
+        and values up to the longest one [B, Hkv, S, hd] (views)."""
+        start, rows, slots, S = self._write
+        if start is not None:             # every row at the same length (a fresh prefill): a slice
+            self.k[layer, :, :, start:start + k.shape[2]] = k
+            self.v[layer, :, :, start:start + k.shape[2]] = v
+        else:
+            self.k[layer][rows, :, slots] = k.transpose(1, 2)
+            self.v[layer][rows, :, slots] = v.transpose(1, 2)
+        return self.k[layer, :, :, :S], self.v[layer, :, :, :S]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -233,6 +334,10 @@ class Attention(nn.Module):
             qk = qk * cos + qk.roll(hd // 2, -1) * sin
         q, k = qk.split([H, Hkv], dim=2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)        # [B, heads, T, hd]
+        if isinstance(cache, RowCache):
+            k, v = cache.store(layer, k, v)
+            y = self._attend_rows(q, k, v, attn_mask, cache.prefix, layer)
+            return fused_linear(y.transpose(1, 2).reshape(B, T, -1), [self.o])
         if cache is not None:
             cache.k[layer, :, :, start:start + T] = k
             cache.v[layer, :, :, start:start + T] = v
@@ -245,6 +350,48 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale,
                                                enable_gqa=self.cfg.n_kv_head != self.cfg.n_head)
         return fused_linear(y.transpose(1, 2).reshape(B, T, -1), [self.o])
+
+    def _attend_rows(self, q, k, v, masks, prefix: SharedPrefix | None, layer: int):
+        """Attention over a RowCache: q [B, H, T, hd] against the shared prefix (one copy for every
+        row) and each row's own keys k, v [B, Hkv, S, hd]; masks = (row mask [B, 1, T, S], prefix
+        mask [B, 1, T, P] or None = all visible). The scores of both parts go through one softmax;
+        each kv head's queries of all rows are one matmul against the prefix, so the prefix is read
+        once per step, not once per row.
+        A row's result must not depend on the other rows (RowCache): the keys come in whole blocks of
+        64, and with that these batched matmuls give a row the same result at any batch size and key
+        count (measured: fp32 and bf16, head_dim 12-64, 1-16 rows, 64-1024 keys; at other key counts
+        the kernels' blocking moves the last bits). SDPA does not, even so (its result for one row
+        moved with the batch in a decode step), so it only runs the prefill of a single row without a
+        prefix (one prompt's prefill, whose shapes depend on that prompt alone): the fused kernel
+        does not hold [T, S] scores in memory.
+        """
+        row_mask, prefix_mask = masks
+        B, H, T, hd = q.shape
+        if prefix is None and self.softcap is None and B == 1 and T > 1:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=row_mask, scale=self.scale,
+                                                  enable_gqa=self.cfg.n_kv_head != self.cfg.n_head)
+        Hkv = k.shape[1]
+        rep = H // Hkv
+        qg = q.reshape(B, Hkv, rep * T, hd)                       # the queries of each kv head
+        scores = qg @ k.transpose(-1, -2)                           # [B, Hkv, rep*T, S]
+        mask, P = row_mask, 0
+        if prefix is not None:
+            pk, pv = prefix.k[layer], prefix.v[layer]               # [Hkv, P, hd]
+            P = pk.shape[1]
+            ps = qg.transpose(0, 1).reshape(Hkv, B * rep * T, hd) @ pk.transpose(-1, -2)
+            scores = torch.cat([ps.view(Hkv, B, rep * T, P).transpose(0, 1), scores], dim=-1)
+            pm = prefix_mask if prefix_mask is not None else row_mask.new_ones(1, 1, 1, 1)
+            mask = torch.cat([pm.expand(B, 1, T, P), row_mask], dim=-1)
+        scores = scores * self.scale
+        if self.softcap is not None:
+            scores = torch.tanh(scores / self.softcap) * self.softcap
+        scores = scores.view(B, Hkv, rep, T, -1).masked_fill(~mask[:, :, None], float("-inf"))
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype).view(B, Hkv, rep * T, -1)
+        y = probs[..., P:] @ v                                      # [B, Hkv, rep*T, hd]
+        if prefix is not None:
+            pp = probs[..., :P].transpose(0, 1).reshape(Hkv, B * rep * T, P)
+            y = y + (pp @ pv).view(Hkv, B, rep * T, hd).transpose(0, 1)
+        return y.reshape(B, H, T, hd)
 
     def _softcapped(self, q, k, v, attn_mask):
         """Gemma 2 attention: the scores are soft-capped before the mask, which SDPA cannot do.
@@ -352,6 +499,8 @@ class Transformer(nn.Module):
         segment_ids [B, T] packs several sequences into one row (fine-tuning): each contiguous run
         of equal ids is its own sequence, attending only to itself, with positions from 0.
         """
+        if isinstance(cache, RowCache):
+            return self._hidden_rows(embeds, attention_mask, cache)
         B, T, _ = embeds.shape
         dev = embeds.device
         start = 0 if cache is None else cache.length
@@ -407,6 +556,62 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.length += T
         return self.norm_f(x)
+
+    def _hidden_rows(self, embeds: torch.Tensor, attention_mask: torch.Tensor | None, cache: "RowCache"):
+        """hidden_states on a RowCache: row b's block (right-padded; attention_mask marks its real
+        tokens) continues that row at slot cache.lengths[b], position prefix_len + slot."""
+        B, T, _ = embeds.shape
+        dev, cfg = embeds.device, self.cfg
+        start = cache.lengths
+        n = attention_mask.long().sum(1) if attention_mask is not None else torch.full_like(start, T)
+        slots = start[:, None] + torch.arange(T, device=dev)                     # [B, T]
+        S = int(start.max()) + T
+        if S > cache.max_len:
+            raise ValueError(f"KV cache holds {cache.max_len} slots; {S} needed")
+        S = min(-(-S // cache.BLOCK) * cache.BLOCK, cache.max_len)       # see Attention._attend_rows
+        P = cache.prefix_len
+        pos = P + slots
+        if self.pos_emb is not None:
+            if int((P + start + n).max()) > cfg.max_seq_len:
+                raise ValueError(f"sequence longer than the model's {cfg.max_seq_len} positions")
+            pos = pos.clamp(max=cfg.max_seq_len - 1)                              # padding only
+        first = int(start.min())
+        cache._write = (first if first == int(start.max()) else None, torch.arange(B, device=dev)[:, None], slots, S)
+        key = torch.arange(S, device=dev)
+        row_mask = (key <= slots[:, :, None])[:, None]                          # [B, 1, T, S]
+        glob = local = (row_mask, None)
+        if cfg.local_layers and P + S > cfg.sliding_window:   # a local layer sees `sliding_window` positions back
+            w = cfg.sliding_window
+            local_row = row_mask & ((slots[:, :, None] - key) < w)[:, None]
+            local_pre = ((pos[:, :, None] - torch.arange(P, device=dev)) < w)[:, None] if P else None
+            local = (local_row, local_pre)
+        x = embeds
+        ropes = (None, None)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(pos)
+        else:
+            ropes = (self._rope(pos, self.inv_freq, x.dtype),) * 2
+            if cfg.rope_local_theta is not None:
+                ropes = (ropes[0], self._rope(pos, self.inv_freq_local, x.dtype))
+        try:
+            with row_invariant():
+                for block in self.blocks:
+                    x = block(x, ropes, (glob, local), cache, 0)
+        finally:
+            cache._write = None
+        cache.lengths += n
+        return self.norm_f(x)
+
+    @torch.no_grad()
+    def shared_prefix(self, embeds: torch.Tensor) -> SharedPrefix:
+        """The keys and values of a prefix [1, P, d] that every row of a RowCache will continue."""
+        P = embeds.shape[1]
+        cache = RowCache(self.cfg, 1, P, dtype=self.dtype, device=self.device)
+        self.hidden_states(embeds.to(self.dtype), cache=cache)
+        return SharedPrefix(cache.k[:, 0, :, :P].contiguous(), cache.v[:, 0, :, :P].contiguous())
+
+    def new_row_cache(self, batch: int, max_len: int, prefix: SharedPrefix | None = None) -> "RowCache":
+        return RowCache(self.cfg, batch, max_len, dtype=self.dtype, device=self.device, prefix=prefix)
 
     @staticmethod
     def _rope(pos: torch.Tensor, inv_freq: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -854,7 +854,8 @@ def step_mauve(run: Run) -> dict:
     out = {}
     for name, ref in (("test", [e.text for e in test_side(cfg)]),
                       ("train", [e.text for e in _train_fold(cfg)])):
-        res = mauve.mauve_texts(gen, ref, model=cfg.generator, num_buckets=cfg.buckets, seed=cfg.seed + 1)
+        res = mauve.mauve_texts(gen, ref, model=cfg.generator, dtype=cfg.dtype, num_buckets=cfg.buckets,
+                                seed=cfg.seed + 1)
         out[name] = {"mauve": float(res.mauve), "n_gen": len(gen), "n_ref": len(ref)}
         try:
             mauve.plot(res, run.out / f"mauve_{name}.png")

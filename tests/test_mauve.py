@@ -195,22 +195,49 @@ OTHER = [
 
 
 def test_featurize_is_the_context_encoder_and_cached(tiny_backbone, monkeypatch):
+    """E(x) features are cached text by text: the second featurize of the same texts (or of a subset,
+    in another order) neither loads nor runs the encoder; only new texts are encoded."""
     import softsrv
     from weights import load_model, load_tokenizer
     feats = featurize(QUESTIONS, str(tiny_backbone), dtype="fp32", progress=False)
     assert feats.dtype == np.float32 and feats.shape == (len(QUESTIONS), 48)
     want = softsrv.ContextEncoder(load_model(tiny_backbone), load_tokenizer(tiny_backbone))(QUESTIONS)
     np.testing.assert_allclose(feats, want.numpy(), atol=1e-5)
-    assert list((softsrv.CACHE_DIR / "contexts").glob("*.safetensors"))
+    assert list(mauve.feature_dir(str(tiny_backbone), "fp32", 256).glob("*.safetensors"))
 
-    def no_encoding(*args, **kw):
-        raise AssertionError("featurize encoded texts it had cached")
-    monkeypatch.setattr(softsrv.ContextEncoder, "__call__", no_encoding)
+    encoded = []
+    real_call = softsrv.ContextEncoder.__call__
+    monkeypatch.setattr(softsrv.ContextEncoder, "__call__", lambda self, texts, **kw: encoded.append(list(texts))
+                        or real_call(self, texts, **kw))
+    monkeypatch.setattr(mauve, "_encoder", lambda *a: (_ for _ in ()).throw(AssertionError("encoder loaded")))
     np.testing.assert_array_equal(featurize(QUESTIONS, str(tiny_backbone), dtype="fp32", progress=False), feats)
-    with pytest.raises(AssertionError):               # other texts are not served from the cache
-        featurize(QUESTIONS[:3], str(tiny_backbone), dtype="fp32", progress=False)
+    np.testing.assert_array_equal(featurize(QUESTIONS[5::-1], str(tiny_backbone), dtype="fp32", progress=False),
+                                  feats[5::-1])
+    assert encoded == []
+    with pytest.raises(AssertionError, match="encoder loaded"):   # a new text needs the encoder
+        featurize(QUESTIONS[:2] + ["a text never seen"], str(tiny_backbone), dtype="fp32", progress=False)
+    monkeypatch.undo()
+    mixed = featurize(QUESTIONS[:2] + ["a text never seen"] * 2, str(tiny_backbone), dtype="fp32", progress=False)
+    np.testing.assert_array_equal(mixed[:2], feats[:2])
+    np.testing.assert_array_equal(mixed[2], mixed[3])
     with pytest.raises(ValueError, match="no texts"):
         featurize([], str(tiny_backbone))
+
+
+def test_featurize_runs_at_the_runs_precision(tiny_backbone, monkeypatch):
+    """'auto' is model.dtype_of's choice; bf16 features are cached apart from fp32 ones."""
+    import model as model_mod
+    seen = []
+    real = mauve._encoder.__wrapped__
+    monkeypatch.setattr(mauve, "_encoder", lambda m, dtype, *a: seen.append(dtype) or real(m, dtype, *a))
+    monkeypatch.setattr(model_mod, "_AUTO_DTYPE", {"cpu": __import__("torch").bfloat16})
+    texts = ["only for the precision test", "and another one"]
+    auto = featurize(texts, str(tiny_backbone), progress=False)
+    bf16 = featurize(texts, str(tiny_backbone), dtype="bf16", progress=False)
+    fp32 = featurize(texts, str(tiny_backbone), dtype="fp32", progress=False)
+    assert seen == ["bf16", "fp32"]                  # auto resolved to bf16 here and shared its cache
+    np.testing.assert_array_equal(auto, bf16)
+    assert not np.array_equal(bf16, fp32)
 
 
 def test_mauve_texts(tiny_backbone):

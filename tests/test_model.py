@@ -393,3 +393,96 @@ def test_fused_linear_packed_equals_plain_linears(dtype):
     x.requires_grad_(True)                        # a gradient wanted for x: plain F.linear, which has a backward
     M.fused_linear(x, layers).sum().backward()
     assert x.grad is not None
+
+
+# --- RowCache: rows at their own lengths, refilled while others decode, a shared prefix ----------
+
+def row_cache_schedule(model, seqs, prefix=None, batch=2, block=3):
+    """Run `seqs` (token tensors) through a RowCache of `batch` rows the way continuous batching
+    does: prompt blocks of up to `block` tokens right-padded together, single-token steps, and a row
+    emptied and refilled with the next sequence as soon as its sequence is done. Returns each
+    sequence's logits [len, V]."""
+    shared = model.shared_prefix(model.embed(prefix[None])) if prefix is not None else None
+    cache = model.new_row_cache(batch, max(len(s) for s in seqs) + 2, prefix=shared)
+    out = [[] for _ in seqs]
+    todo, done = list(range(len(seqs))), [0] * len(seqs)
+    rows = [todo.pop(0) if todo else None for _ in range(batch)]
+    with torch.no_grad():
+        while any(r is not None for r in rows):
+            # the first rows take a block (a prefill), the others one token; idle rows pass padding only
+            take = [0 if r is None else min(len(seqs[r]) - done[r], block if b == 0 or done[r] == 0 else 1)
+                    for b, r in enumerate(rows)]
+            T = max(take)
+            ids = torch.zeros(batch, T, dtype=torch.long)
+            mask = torch.zeros(batch, T, dtype=torch.bool)
+            for b, r in enumerate(rows):
+                if take[b]:
+                    ids[b, :take[b]] = seqs[r][done[r]:done[r] + take[b]]
+                    mask[b, :take[b]] = True
+            logits = model(model.embed(ids), attention_mask=mask, cache=cache)
+            for b, r in enumerate(rows):
+                if take[b]:
+                    out[r].append(logits[b, :take[b]])
+                    done[r] += take[b]
+                    if done[r] == len(seqs[r]):             # done: the row takes the next sequence
+                        rows[b] = todo.pop(0) if todo else None
+                        cache.lengths[b] = 0
+    return [torch.cat(o) for o in out]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("with_prefix", [False, True])
+def test_row_cache_refilled_rows_equal_each_sequence_alone(family, with_prefix, llama, tmp_path):
+    model = llama[1] if family == "llama" else load_model(gpt2(tmp_path)[1])
+    g = torch.Generator().manual_seed(6)
+    prefix = torch.randint(0, 300, (5,), generator=g) if with_prefix else None
+    seqs = [torch.randint(0, 300, (n,), generator=g) for n in (4, 9, 2, 7, 5)]
+    got = row_cache_schedule(model, seqs, prefix)
+    for s, logits in zip(seqs, got):
+        full = s if prefix is None else torch.cat([prefix, s])
+        alone = our_logits(model, full[None])[0, len(full) - len(s):]
+        assert (logits - alone).abs().max().item() < TOL
+
+
+def test_row_cache_overflow_is_an_error(llama):
+    _, model = llama
+    cache = model.new_row_cache(2, 60)
+    assert cache.max_len == 64                            # whole blocks of 64 slots
+    cache.lengths[1] = 63
+    with pytest.raises(ValueError, match="KV cache"):
+        model(model.embed(torch.zeros(2, 2, dtype=torch.long)), cache=cache)
+
+
+def test_row_cache_keep_rows_and_views(llama):
+    _, model = llama
+    g = torch.Generator().manual_seed(8)
+    seqs = [torch.randint(0, 300, (n,), generator=g) for n in (3, 5, 4)]
+    cache = model.new_row_cache(3, 8)
+    with torch.no_grad():
+        for b, s in enumerate(seqs):                      # each row prefilled through its own view
+            model(model.embed(s[None]), cache=cache.rows(b, b + 1))
+        assert cache.lengths.tolist() == [3, 5, 4]
+        cache.keep_rows(torch.tensor([True, False, True]))
+        nxt = torch.randint(0, 300, (2, 1), generator=g)
+        step = model(model.embed(nxt), cache=cache)[:, 0]
+    for row, s in enumerate([seqs[0], seqs[2]]):
+        alone = our_logits(model, torch.cat([s, nxt[row]])[None])[0, -1]
+        assert (step[row] - alone).abs().max().item() < TOL
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_row_cache_sliding_window_and_softcap(family, tmp_path):
+    """Gemma 2 (soft-capped scores, window 5) and Gemma 3 (local layers with their own RoPE): rows and
+    a shared prefix longer than the window."""
+    import test_gemma
+    hf = getattr(test_gemma, family)()
+    model = load_model(save_hf(hf, tmp_path / family))
+    g = torch.Generator().manual_seed(9)
+    prefix = torch.randint(0, 300, (7,), generator=g)
+    seqs = [torch.randint(0, 300, (n,), generator=g) for n in (8, 3, 11, 6)]
+    for pre in (None, prefix):
+        got = row_cache_schedule(model, seqs, pre, block=4)
+        for s, logits in zip(seqs, got):
+            full = s if pre is None else torch.cat([pre, s])
+            alone = our_logits(model, full[None])[0, len(full) - len(s):]
+            assert (logits - alone).abs().max().item() < TOL
