@@ -183,7 +183,7 @@ def _cached_features(folder: Path) -> dict[bytes, np.ndarray]:
 def featurize(texts: list[str], model: str = DEFAULT_MODEL, dtype: str = "auto", batch_size: int = 16,
               max_tokens: int = 256, progress: bool = True) -> np.ndarray:
     """texts -> [n, d] float32: E(x) of each text (App. A.7: the same LM as the context encoder), in
-    the run's precision ('auto': model.dtype_of's choice for this machine).
+    the run's precision ('auto': runtime.dtype_of's choice for this machine).
 
     Cached text by text under (model, precision, max_tokens): a text featurized once, by any run or
     set (the train fold, the test questions), is read back, and only new texts load and run the
@@ -296,7 +296,7 @@ def cli(argv=None) -> MauveResult | None:
     a("--model", default=DEFAULT_MODEL, type=options.model, help=f"LM whose mean final hidden state is a text's feature, "
                                              f"as for the context encoder E (default {DEFAULT_MODEL})")
     a("--dtype", choices=DTYPES, default="auto",
-      help="precision of the feature model; auto = what model.dtype_of picks on this machine (default auto)")
+      help="precision of the feature model; auto = what runtime.dtype_of picks on this machine (default auto)")
     a("--json", help="also write the score, the sizes, the histograms and the curve to this JSON file (default: none)")
     a("--seed", type=options.seed, default=1, help="k-means seed (default 1)")
     args = p.parse_args(argv)

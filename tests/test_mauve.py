@@ -225,7 +225,7 @@ def test_featurize_is_the_context_encoder_and_cached(tiny_backbone, monkeypatch)
 
 
 def test_featurize_runs_at_the_runs_precision(tiny_backbone, monkeypatch):
-    """'auto' is model.dtype_of's choice; bf16 features are cached apart from fp32 ones."""
+    """'auto' is runtime.dtype_of's choice; bf16 features are cached apart from fp32 ones."""
     import model as model_mod
     seen = []
     real = mauve._encoder.__wrapped__
