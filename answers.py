@@ -29,7 +29,7 @@ import torch
 
 import data
 from eval import choice_logprobs, gsm8k_clean, gsm8k_extract
-from sampling import cut_at, generate_from_ids, stop_on
+from sampling import cut_at, generate_from_ids, row_seed, split_common_prefix, stop_on
 from tokenizer import qa_prompt_ids
 
 FORMATS = ("as-is", "fewshot")
@@ -135,24 +135,28 @@ class Answerer:
             return self.tok.with_bos(self.tok.encode(text))
         return qa_prompt_ids(self.tok, self.template.format(q=question))
 
-    def answer(self, questions: list[str], seed: int) -> list[dict]:
+    def answer(self, questions: list[str], seed: int, indices: list[int] | None = None) -> list[dict]:
         """One record per question: the answer to train on, whether it finished, and `drop`, the
-        gate it failed (None: kept)."""
+        gate it failed (None: kept). Sample j of question `indices[i]` draws from its own generator
+        (row_seed), so an answer does not depend on which questions share its batch or chunk."""
         if self.task == "boolq":
             return self._boolq(questions)
         k = self.samples
+        indices = list(range(len(questions))) if indices is None else indices
         prompts = [self.prompt_ids(q) for q in questions for _ in range(k)]
+        seeds = [row_seed(seed, i * k + j) for i in indices for j in range(k)]
+        # the k-shot exemplars (the same tokens in every prompt) are prefilled once, shared by every row
+        prefix, rest = split_common_prefix(prompts) if self.fmt == "fewshot" else ([], prompts)
         stop = stop_on(self.tok, FEWSHOT_STOPS) if self.fmt == "fewshot" else None
-        outs = generate_from_ids(self.model, prompts, self.max_tokens, self.tok.eos_id, temperature=self.temperature,
-                                 stop=stop, batch_size=self.batch_size, seed=seed)
+        outs, finished = generate_from_ids(self.model, rest, self.max_tokens, self.tok.eos_id,
+                                           temperature=self.temperature, stop=stop, batch_size=self.batch_size,
+                                           seeds=seeds, prefix=prefix, return_finished=True)
         recs = []
         for i in range(len(questions)):
             texts, fins = [], []
-            for ids in outs[i * k:(i + 1) * k]:
+            for ids, fin in zip(outs[i * k:(i + 1) * k], finished[i * k:(i + 1) * k]):
                 text = self.tok.decode(ids)
-                stopped = self.fmt == "fewshot" and any(s in text for s in FEWSHOT_STOPS)
-                # the cap cuts a row that neither ended its turn nor started the next question
-                fins.append(len(ids) < self.max_tokens or stopped)
+                fins.append(fin)       # ended its turn (EOS) or, few-shot, started the next "Question:"
                 texts.append(cut_at(text, FEWSHOT_STOPS).strip() if self.fmt == "fewshot" else text.strip())
             if self.task == "mbpp":
                 texts = [strip_fences(t) for t in texts]

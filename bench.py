@@ -37,7 +37,6 @@ transformers is a test-only dependency: install it with `pip install -r requirem
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import statistics
@@ -49,6 +48,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+import data
 from runtime import dtype_of, keep_freed_memory
 from sampling import generate_from_ids, left_pad, sample, split_common_prefix, stop_on
 from softsrv import SoftPromptMC, pad_targets, softsrv_loss
@@ -561,10 +561,7 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     print(table(out))
     if args.json:
-        tmp = f"{args.json}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(out, f, indent=2)
-        os.replace(tmp, args.json)
+        data.write_json(args.json, out)
         print(f"wrote {args.json}")
 
 

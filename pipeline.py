@@ -721,7 +721,7 @@ def step_answer(run: Run):
                      "drop": None if cfg.method == "train" else
                      answers.gate(cfg.task, qs[i]["answer"], qs[i].get("finished", True))} for i in idx]
         else:
-            outs = answerer.answer([qs[i]["question"] for i in idx], seed=cfg.seed * 1_000_003 + idx[0])
+            outs = answerer.answer([qs[i]["question"] for i in idx], seed=cfg.seed, indices=list(idx))
         return [{"index": i, "question": qs[i]["question"], **o} for i, o in zip(idx, outs)]
 
     start, size = 0, need

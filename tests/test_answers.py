@@ -61,12 +61,13 @@ def test_unfinished_and_looping_answers_are_dropped(tiny, monkeypatch):
     capped = {"q2"}
 
     def fake_generate(model, prompts, max_new, eos_id, **kw):
-        out = []
+        out, fin = [], []
         for p in prompts:
             q = next(k for k in texts if k in tok.decode(p))
             ids = tok.encode(texts[q])
             out.append(ids + [0] * (max_new - len(ids)) if q in capped else ids)
-        return out
+            fin.append(q not in capped)
+        return out, fin
     monkeypatch.setattr(answers, "generate_from_ids", fake_generate)
     tok_decode = tok.decode
     monkeypatch.setattr(tok, "decode", lambda ids: tok_decode([i for i in ids if i != 0]))
@@ -80,8 +81,8 @@ def test_self_consistency_keeps_a_majority_chain(tiny, monkeypatch):
     model, tok = tiny
     chains = iter(["a\n#### 5", "b\n#### 6", "c\n#### 6",      # question 1: 6 wins, 2 of 3
                    "a\n#### 1", "b\n#### 2", "c\n#### 3"])     # question 2: no majority
-    monkeypatch.setattr(answers, "generate_from_ids",
-                        lambda model, prompts, *a, **k: [tok.encode(next(chains)) for _ in prompts])
+    monkeypatch.setattr(answers, "generate_from_ids", lambda model, prompts, *a, **k: (
+        [tok.encode(next(chains)) for _ in prompts], [True] * len(prompts)))
     a = answers.Answerer(model, tok, "gsm8k", "as-is", "{q}", [], max_tokens=40, temperature=0.7, samples=3)
     r1, r2 = a.answer(["first", "second"], seed=0)
     assert r1["drop"] is None and r1["answer"] == "b\n#### 6" and r1["agreement"] == pytest.approx(2 / 3)
@@ -112,3 +113,16 @@ def test_boolq_label_follows_the_larger_probability(tiny):
             assert r["answer"] == want
         assert r["answer"] in ("true", "false") and r["drop"] is None
         assert set(r["logprobs"]) == {"true", "false"}
+
+
+def test_sampled_answers_do_not_depend_on_the_chunk(tiny):
+    """Each (question, sample) draws from its own generator, so a resumed or torchrun-dealt answer
+    step, which chunks the questions differently, writes the same answers."""
+    model, tok = tiny
+    a = answers.Answerer(model, tok, "gsm8k", "fewshot", "{q}", [data.Example("1+1?", "s", "2\n#### 2")],
+                         max_tokens=6, temperature=1.0, samples=2, batch_size=3)
+    qs = [f"What is {i} + 1?" for i in range(4)]
+    whole = a.answer(qs, seed=5, indices=[10, 11, 12, 13])
+    parts = a.answer(qs[:1], seed=5, indices=[10]) + a.answer(qs[1:], seed=5, indices=[11, 12, 13])
+    assert [r["finals"] for r in whole] == [r["finals"] for r in parts]
+    assert [r["answer"] for r in whole] == [r["answer"] for r in parts]
