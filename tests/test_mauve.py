@@ -226,11 +226,11 @@ def test_featurize_is_the_context_encoder_and_cached(tiny_backbone, monkeypatch)
 
 def test_featurize_runs_at_the_runs_precision(tiny_backbone, monkeypatch):
     """'auto' is runtime.dtype_of's choice; bf16 features are cached apart from fp32 ones."""
-    import model as model_mod
+    import runtime
     seen = []
     real = mauve._encoder.__wrapped__
     monkeypatch.setattr(mauve, "_encoder", lambda m, dtype, *a: seen.append(dtype) or real(m, dtype, *a))
-    monkeypatch.setattr(model_mod, "_AUTO_DTYPE", {"cpu": __import__("torch").bfloat16})
+    monkeypatch.setattr(runtime, "_AUTO_DTYPE", {"cpu": __import__("torch").bfloat16})
     texts = ["only for the precision test", "and another one"]
     auto = featurize(texts, str(tiny_backbone), progress=False)
     bf16 = featurize(texts, str(tiny_backbone), dtype="bf16", progress=False)
