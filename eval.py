@@ -8,7 +8,7 @@
 Every `task` run reports on the same held-out items:
 - the task metric: GSM8K pass@1 (5-shot, final number), MBPP pass@1 (3-shot, sandboxed tests), BoolQ
   accuracy (log-likelihood of " yes" vs " no"), TriviaQA exact match (0-shot, any alias), HumanEval pass@1;
-- the same metric 0-shot in the student's own chat format (SPEC §11; "chat_score"): the question as the
+- the same metric 0-shot in the student's own chat format (docs/experiments/README.md; "chat_score"): the question as the
   user turn (`qa_prompt_ids`), the assistant's greedy answer scored as above (GSM8K, MBPP), BoolQ from
   the probabilities of True vs False as the answer's first token; for BoolQ also the majority label's
   accuracy and the share of items each scoring calls true, so a shift of the label prior is visible;
@@ -273,7 +273,7 @@ def run_triviaqa(model, tok, items, shots, batch_size):
 
 
 # ----------------------------------------------------------------------------------------------
-# The student's own format (SPEC §11, issue 26): 0-shot, the question as the user turn of the chat
+# The student's own format (docs/experiments/README.md): 0-shot, the question as the user turn of the chat
 # template (qa_prompt_ids, the format fine-tuning trains on), the answer as the assistant writes it.
 # The k-shot figures above are the paper's; these say whether fine-tuning taught the student
 # something it shows in the format it was taught in. Each returns one dict of "chat_*" fields per item.
@@ -423,7 +423,7 @@ def run_boolq_chat(model, tok, items, batch_size):
 
 
 def boolq_priors(items, records) -> dict:
-    """What the label prior alone explains (SPEC §11): the majority label of the evaluated items and
+    """What the label prior alone explains (docs/experiments/README.md): the majority label of the evaluated items and
     its accuracy (always answering it), and the share of items each scoring predicts "true"."""
     n = len(items)
     n_true = sum(e.answer == "true" for e in items)

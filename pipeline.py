@@ -1145,7 +1145,9 @@ def command_line(cfg: PipelineConfig, out) -> str:
     """The command that reproduces the run: task, method, preset, folder, and every setting that
     differs from what the preset gives, as the option that sets it (an option added to parser()
     and PipelineConfig is covered without a change here)."""
-    target = ["--task", cfg.task] if cfg.task != CUSTOM else ["--data", cfg.data]
+    target = ["--task", cfg.task] if cfg.task != CUSTOM else \
+        ["--data", cfg.data] + [w for o, v in (("--field", cfg.field), ("--answer-field", cfg.answer_field)) if v
+                                for w in (o, v)]
     base, _, _ = parse_args([*target, "--method", cfg.method, "--preset", cfg.preset])
     by_dest = {a.dest: a for a in parser()._actions if a.option_strings}
     words = ["python", "pipeline.py", *target, "--method", cfg.method, "--preset", cfg.preset, "--out", str(out)]
@@ -1153,7 +1155,8 @@ def command_line(cfg: PipelineConfig, out) -> str:
     for f in fields(PipelineConfig):
         value = getattr(cfg, f.name)
         # the files' sha256s are recorded from the files, not given
-        if f.name in ("task", "data", "method", "preset", "data_sha256", "test_sha256") or value == getattr(base, f.name):
+        if f.name in ("task", "data", "field", "answer_field", "method", "preset", "data_sha256", "test_sha256") \
+                or value == getattr(base, f.name):
             continue
         opt = by_dest.get(f.name)
         if opt is None or value is None:
