@@ -64,7 +64,8 @@ def capture(monkeypatch):
     seen = {}
 
     def generate(model, prompts, *a, **k):
-        seen["prompts"] = prompts
+        # a shared k-shot prefix is prefilled once; each prompt is the prefix and its own rest
+        seen["prompts"] = [list(k.get("prefix") or []) + list(p) for p in prompts]
         return [[] for _ in prompts]
 
     def choices(model, ctxs, choices, *a, **k):
