@@ -15,6 +15,25 @@ def test_bench_quick_smoke(tiny_backbone):
     assert all(v > 0 for v in out["decode_tok_s"].values()) and out["finetune_tok_s"] > 0
     assert out["by_dtype"][bench.auto_dtype()]["train_tok_s"] == out["train_tok_s"] and out["dtype"] == bench.auto_dtype()
     assert "| decode b4 | bf16 |" in bench.table(out)
+    # the generation workloads: every side ran and generated tokens; greedy sides agree on them
+    assert set(out["answer"]) == {"before", "after", "hf"} and set(out["fewshot"]) == {"before", "continuous", "after", "hf"}
+    for w in ("answer", "fewshot"):
+        sides = out["by_dtype"]["fp32"][w]
+        assert all(v["tok_s"] > 0 for v in sides.values())
+        assert len({v["tokens"] for k, v in sides.items() if k != "hf"}) == 1
+    assert "| answer | fp32 |" in bench.table(out) and "| fewshot | bf16 |" in bench.table(out)
+
+
+def test_generation_sides_give_the_same_greedy_tokens(tiny_backbone):
+    """before (batch at a time), continuous and after (+ shared prefix) decode the same tokens."""
+    import bench
+    from model import load_model, load_tokenizer
+    model, tok = load_model(tiny_backbone), load_tokenizer(tiny_backbone)
+    cfg = bench.BenchConfig.quick(model=str(tiny_backbone))
+    for make in (bench.answer_sides, bench.fewshot_sides):
+        sides = make(model, None, tok, cfg)
+        outs = [fn() for k, fn in sides.items() if k != "hf"]
+        assert all(o == outs[0] for o in outs[1:]) and sum(map(len, outs[0])) > 0
 
 
 def test_packed_batch_targets_stay_inside_segments():
