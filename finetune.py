@@ -17,7 +17,6 @@ re-running the same command resumes from the newest complete `step-N`.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import shutil
@@ -156,7 +155,7 @@ def latest_state(out: Path) -> Path | None:
     best = None
     for d in out.glob("step-*"):
         if (d / STATE_JSON).exists() and (d / CKPT_STATE).exists():
-            step = json.loads((d / STATE_JSON).read_text())["step"]
+            step = data.read_json(d / STATE_JSON)["step"]
             if best is None or step > best[0]:
                 best = (step, d)
     return best and best[1]
@@ -167,7 +166,7 @@ def completed_checkpoints(out: Path) -> list[tuple[int, Path]]:
     found = []
     for d in out.glob("step-*"):
         if (d / STATE_JSON).exists():
-            found.append((json.loads((d / STATE_JSON).read_text())["step"], d))
+            found.append((data.read_json(d / STATE_JSON)["step"], d))
     return sorted(found)
 
 
@@ -180,7 +179,7 @@ def save_state(model, opt, cfg: FinetuneConfig, step: int, record: dict) -> Path
     save_model(model, tmp, metadata={"finetuned_from": cfg.model, "step": step})
     groups = save_optimizer_state(tmp, opt, step)
     rec = {**record, "step": step, "optimizer_param_groups": groups}
-    (tmp / STATE_JSON).write_text(json.dumps(rec, indent=2))
+    data.write_json(tmp / STATE_JSON, rec)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     for d in out.glob("step-*"):                 # only the newest state is needed to resume
@@ -213,7 +212,7 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> list[tuple[int, Path
     state = latest_state(out) if out.exists() else None
     start, history = 0, []
     if state is not None:
-        saved = json.loads((state / STATE_JSON).read_text())
+        saved = data.read_json(state / STATE_JSON)
         diff = [k for k in record["config"] if k not in ("out",) and saved["config"].get(k) != record["config"][k]]
         if diff or saved["data_fingerprint"] != record["data_fingerprint"]:
             raise ValueError(f"{out}: holds a fine-tuning run with other settings "

@@ -27,7 +27,7 @@ def test_bench_quick_smoke(tiny_backbone):
 def test_generation_sides_give_the_same_greedy_tokens(tiny_backbone):
     """before (batch at a time), continuous and after (+ shared prefix) decode the same tokens."""
     import bench
-    from model import load_model, load_tokenizer
+    from weights import load_model, load_tokenizer
     model, tok = load_model(tiny_backbone), load_tokenizer(tiny_backbone)
     cfg = bench.BenchConfig.quick(model=str(tiny_backbone))
     for make in (bench.answer_sides, bench.fewshot_sides):

@@ -79,7 +79,7 @@ def test_interrupted_finetune_resumes_to_the_same_weights(tiny_backbone, tmp_pat
     real_save = ft.save_state
 
     def save_then_die(*a, **k):
-        path = real_save(*a, **k)
+        real_save(*a, **k)
         raise KeyboardInterrupt             # the process dies right after the first checkpoint
     monkeypatch.setattr(ft, "save_state", save_then_die)
     with pytest.raises(KeyboardInterrupt):

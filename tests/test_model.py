@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from conftest import ROOT, has_package, save_hf, tiny_llama_config
-from model import KVCache, ModelError
+from model import ModelError
 from weights import load_model
 from sampling import left_pad
 

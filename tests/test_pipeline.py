@@ -183,7 +183,7 @@ def test_answer_step_draws_reserves_until_n_usable_pairs(tiny_backbone, tmp_path
     questions = [{"index": i, "question": f"q{i}"} for i in range(20)]
 
     class Fake:       # every question whose number is a multiple of 3 gets an answer that loops
-        def answer(self, qs, seed):
+        def answer(self, qs, seed, indices=None):
             return [{"answer": "x " * 30 if int(q[1:]) % 3 == 0 else f"{q}\n#### 1",
                      "finished": True, "drop": "loop" if int(q[1:]) % 3 == 0 else None} for q in qs]
     monkeypatch.setattr(pl, "make_answerer", lambda run: Fake())

@@ -3,7 +3,6 @@ Each hostile program is checked for its effect, not only for its verdict: files 
 the secret not seen, no connection reaching the listener, the parent and an outside root process
 alive, no process of the sandbox uids left, the working directories removed."""
 import os
-import signal
 import socket
 import subprocess
 import sys
