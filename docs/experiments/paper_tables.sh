@@ -2,7 +2,7 @@
 # Tables 1-2 analog at CPU scale (issue 26 §3, SPEC §11): students fine-tuned on arms that differ only
 # in their questions. Every arm: N pairs, the same k-shot answer prompt (--answer-format fewshot) and
 # gates, the same fine-tuning steps, lr and seeds; the control (--method train) first.
-#   LR=5e-5 STEPS=15 bash docs/experiments/paper_tables.sh        # LR, STEPS from control_sweep.sh
+#   bash docs/experiments/paper_tables.sh      # LR, STEPS from control_sweep.sh (RUNS/sweep/choice.env) or given
 #   ARMS="train mc pt" ... to run a subset; re-running resumes every run folder where it stopped.
 # Then: python docs/experiments/paper_tables.py --runs runs/tables > results/paper_tables.md
 set -euo pipefail
@@ -12,19 +12,21 @@ RUNS=${RUNS:-runs/tables}
 TASK=${TASK:-gsm8k}
 N=${N:-200}            # pairs per arm (the paper: 50K; cut first, before seeds and arms)
 G=${G:-500}            # questions generated per arm (the paper: 2x N)
-LR=${LR:?set LR from docs/experiments/control_sweep.sh}
-STEPS=${STEPS:?set STEPS from docs/experiments/control_sweep.sh}
+if [ -z "${LR:-}${STEPS:-}" ] && [ -f "$RUNS/sweep/choice.env" ]; then . "$RUNS/sweep/choice.env"; fi
+LR=${LR:?set LR (or run docs/experiments/control_sweep.sh, which writes RUNS/sweep/choice.env)}
+STEPS=${STEPS:?set STEPS (or run docs/experiments/control_sweep.sh)}
+DTYPE=${DTYPE:-auto}   # matmul precision of every step
 SEEDS=${SEEDS:-"0 1"}  # fine-tuning seeds (packing and batch order); seed 0 is the pipeline's own run
 LIMIT=${LIMIT:-100}    # held-out items for the k-shot and 0-shot chat metrics (the answer loss uses all)
-ARMS=${ARMS:-"train mc pt np mp pt_sr mc_full mc_asis pt_asis"}
-COMMON=(--task "$TASK" --n-keep "$N" --n-generate "$G" --dtype fp32 --ft-lr "$LR" --ft-steps "$STEPS"
+ARMS=${ARMS:-"train mc pt np mc_full pt_sr mp mc_asis pt_asis"}   # in order of what the claims need first
+COMMON=(--task "$TASK" --n-keep "$N" --n-generate "$G" --dtype "$DTYPE" --ft-lr "$LR" --ft-steps "$STEPS"
         --ft-checkpoints 1 --eval-limit "$LIMIT")
 mkdir -p "$RUNS"
 
 # The student before fine-tuning is the same model in every arm: evaluated once, with the settings
 # the pipeline's evaluation uses, and handed to each run folder as its step 0.
 BASE=$RUNS/$TASK-base.json
-[ -f "$BASE" ] || $PY eval.py task "$TASK" --limit "$LIMIT" --dtype fp32 --out "$BASE"
+[ -f "$BASE" ] || $PY eval.py task "$TASK" --limit "$LIMIT" --dtype "$DTYPE" --out "$BASE"
 
 arm() {   # arm NAME PIPELINE-OPTIONS...
   local name=$1; shift
@@ -37,8 +39,8 @@ arm() {   # arm NAME PIPELINE-OPTIONS...
     [ "$s" = 0 ] && continue
     local ft=$out/finetune-s$s
     $PY finetune.py --data "$out/data.jsonl" --out "$ft" --lr "$LR" --steps "$STEPS" --n-checkpoints 1 \
-        --seed "$s" --dtype fp32
-    [ -f "$ft/eval.json" ] || $PY eval.py task "$TASK" --model "$ft/step-$STEPS" --limit "$LIMIT" --dtype fp32 \
+        --seed "$s" --dtype "$DTYPE"
+    [ -f "$ft/eval.json" ] || $PY eval.py task "$TASK" --model "$ft/step-$STEPS" --limit "$LIMIT" --dtype "$DTYPE" \
         --out "$ft/eval.json"
   done
 }
