@@ -6,11 +6,18 @@ from __future__ import annotations
 import os
 import sys
 from contextlib import contextmanager
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 import data
+
+# The group rank0_first's waiting ranks wait in (gloo, on GPUs too: its waits sleep instead of
+# spinning): rank 0 may fine-tune alone for many hours meanwhile, far beyond a collective's usual
+# timeout. A rank that dies ends them all through torchrun, so the long timeout only lets a true hang last.
+_WAIT_GROUP = None
+WAIT_TIMEOUT = timedelta(days=7)
 
 
 def init_distributed() -> tuple[int, int, str]:
@@ -23,8 +30,10 @@ def init_distributed() -> tuple[int, int, str]:
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if cuda:
         torch.cuda.set_device(local)
+    global _WAIT_GROUP
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
+        _WAIT_GROUP = dist.new_group(backend="gloo", timeout=WAIT_TIMEOUT)
     return dist.get_rank(), dist.get_world_size(), f"cuda:{local}" if cuda else "cpu"
 
 
@@ -32,10 +41,11 @@ def init_distributed() -> tuple[int, int, str]:
 def rank0_first(rank: int, world: int):
     """Rank 0 runs the block first (conversions and caches are written once), then the others read.
     A user mistake rank 0 meets there (ValueError) is handed to the others, so every rank ends with
-    the same one line instead of waiting for rank 0 and dying with a transport error."""
+    the same one line instead of waiting for rank 0 and dying with a transport error. The others
+    wait however long rank 0 takes (WAIT_TIMEOUT), without using their cores."""
     if world > 1 and rank != 0:
         err = [None]
-        dist.broadcast_object_list(err, src=0)
+        dist.broadcast_object_list(err, src=0, group=_WAIT_GROUP)
         if err[0] is not None:
             raise ValueError(err[0])
     threads = torch.get_num_threads()
@@ -45,12 +55,12 @@ def rank0_first(rank: int, world: int):
         yield
     except ValueError as e:
         if world > 1 and rank == 0:
-            dist.broadcast_object_list([str(e)], src=0)
+            dist.broadcast_object_list([str(e)], src=0, group=_WAIT_GROUP)
         raise
     finally:
         torch.set_num_threads(threads)
     if world > 1 and rank == 0:
-        dist.broadcast_object_list([None], src=0)
+        dist.broadcast_object_list([None], src=0, group=_WAIT_GROUP)
 
 
 def local_threads() -> int:
@@ -78,6 +88,29 @@ def append_in_rounds(path, jobs: list, make, rank: int, world: int, on_write=Non
                 on_write(len(records))
     if world > 1:
         dist.barrier()          # no rank reads the file before it is complete
+
+
+def deal(items: list, rank: int, world: int) -> list:
+    """This rank's share of items: every world-th from the rank's own on, so long and short items
+    (sorted ones too) spread evenly. gather() puts the shares back in order."""
+    return items[rank::world]
+
+
+def gather(part: list, rank: int, world: int) -> list:
+    """The results of every rank's deal() share, back in item order, on every rank."""
+    if world == 1:
+        return part
+    parts = [None] * world
+    dist.all_gather_object(parts, part)
+    out = [None] * sum(map(len, parts))
+    for k, p in enumerate(parts):
+        out[k::world] = p
+    return out
+
+
+def cpus_per_rank() -> int:
+    """This machine's CPUs over its ranks: what one rank's pool of worker processes may use."""
+    return max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 @contextmanager

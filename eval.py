@@ -2,6 +2,7 @@
 
     python eval.py task gsm8k --model smollm2-135m-instruct            # 5-shot pass@1 on the 330 held out
     python eval.py task boolq --model out/ft_mc --limit 1000           # a fine-tuned HF folder
+    torchrun --nproc_per_node=2 eval.py task gsm8k                     # 2 processes share the items, same file
     python stats.py -a out/eval/gsm8k-a.json -b out/eval/gsm8k-b.json  # paired bootstrap of two runs
     python eval.py mauve --gen out/ss_mc/samples.jsonl --ref gsm8k:test  # see mauve.py
 
@@ -40,6 +41,7 @@ import options
 import mauve
 import sandbox
 from data import atomic_write
+from dist import cli_errors, cpus_per_rank, deal, gather, init_distributed, rank0_first
 from runtime import DTYPES, dtype_of, keep_freed_memory
 from sampling import cut_at, generate_from_ids, split_common_prefix, stop_on
 from tokenizer import PLAIN_QA, qa_answer_ids, qa_prompt_ids
@@ -49,57 +51,79 @@ from weights import DEFAULT_MODEL, load_model, load_tokenizer
 # ----------------------------------------------------------------------------------------------
 # Log-likelihoods (teacher forcing, right padding: causal attention never sees the pads after a row)
 
+def _batches(n: int, length, batch_size: int) -> list[list[int]]:
+    """Indices 0..n-1, longest first, in batches of batch_size: the batches the scorers compute.
+    Under torchrun whole batches are dealt out, so each is the batch one process computes (a row's
+    logits move in their last bits with the batch's padding and row count)."""
+    order = sorted(range(n), key=lambda i: -length(i))
+    return [order[s:s + batch_size] for s in range(0, n, batch_size)]
+
+
+def _in_order(batches: list[list[int]], parts: list, n: int) -> list:
+    """Per-batch results (one per row) back in index order."""
+    out = [None] * n
+    for rows, part in zip(batches, parts):
+        for i, x in zip(rows, part):
+            out[i] = x
+    return out
+
+
 @torch.no_grad()
 def continuation_nll(model, seqs: list[tuple[list[int], list[int]]], batch_size: int = 8,
-                     progress: bool = False, desc: str = "answer loss") -> list[float]:
-    """Summed negative log-likelihood (nats) of each `cont` given its `ctx`, for (ctx, cont) pairs."""
-    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]) - len(seqs[i][1]))
-    out = [0.0] * len(seqs)
+                     progress: bool = False, desc: str = "answer loss", rank: int = 0, world: int = 1) -> list[float]:
+    """Summed negative log-likelihood (nats) of each `cont` given its `ctx`, for (ctx, cont) pairs;
+    under torchrun each rank computes its share of the batches and every rank gets all the values."""
+    batches = _batches(len(seqs), lambda i: len(seqs[i][0]) + len(seqs[i][1]), batch_size)
+    mine = []
     dev = model.device
-    for s in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
-        rows = order[s:s + batch_size]
+    for rows in tqdm(deal(batches, rank, world), desc=desc, disable=not progress or rank != 0, leave=False):
         full = [seqs[i][0] + seqs[i][1] for i in rows]
         T = max(map(len, full)) - 1
         ids = torch.zeros(len(rows), T, dtype=torch.long)
         for r, f in enumerate(full):
             ids[r, :len(f) - 1] = torch.tensor(f[:-1])
         h = model.hidden_states(model.embed(ids.to(dev)))
+        part = []
         for r, i in enumerate(rows):
             ctx, cont = seqs[i]
             # position p predicts token p + 1: the continuation is predicted from len(ctx) - 1 on
             logits = model.logits(h[r, len(ctx) - 1:len(ctx) - 1 + len(cont)]).float()
-            out[i] = F.cross_entropy(logits, torch.tensor(cont, device=dev), reduction="sum").item()
-    return out
+            part.append(F.cross_entropy(logits, torch.tensor(cont, device=dev), reduction="sum").item())
+        mine.append(part)
+    return _in_order(batches, gather(mine, rank, world), len(seqs))
 
 
 @torch.no_grad()
 def choice_logprobs(model, ctxs: list[list[int]], choices: list[list[int]], batch_size: int = 8,
-                    progress: bool = False, desc: str = "choices") -> torch.Tensor:
-    """[N, C] summed log-probability of each choice after each context. Single-token choices (BoolQ's
-    " yes" / " no") need one forward per context: all are read off the last position's logits."""
+                    progress: bool = False, desc: str = "choices", rank: int = 0, world: int = 1) -> torch.Tensor:
+    """[N, C] summed log-probability of each choice after each context (every rank gets all of it;
+    each computes its share of the batches). Single-token choices (BoolQ's " yes" / " no") need one
+    forward per context: all are read off the last position's logits."""
     if all(len(c) == 1 for c in choices):
         ids = torch.tensor([c[0] for c in choices])
-        order = sorted(range(len(ctxs)), key=lambda i: -len(ctxs[i]))
-        out = torch.empty(len(ctxs), len(choices))
-        for s in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
-            rows = order[s:s + batch_size]
+        batches = _batches(len(ctxs), lambda i: len(ctxs[i]), batch_size)
+        mine = []
+        for rows in tqdm(deal(batches, rank, world), desc=desc, disable=not progress or rank != 0, leave=False):
             T = max(len(ctxs[i]) for i in rows)
             x = torch.zeros(len(rows), T, dtype=torch.long)
             for r, i in enumerate(rows):
                 x[r, :len(ctxs[i])] = torch.tensor(ctxs[i])
             h = model.hidden_states(model.embed(x.to(model.device)))
             last = h[torch.arange(len(rows)), torch.tensor([len(ctxs[i]) - 1 for i in rows])]
-            out[rows] = model.logits(last).float().log_softmax(-1)[:, ids.to(model.device)].cpu()
-        return out
-    nll = continuation_nll(model, [(c, ch) for c in ctxs for ch in choices], batch_size, progress, desc)
+            mine.append(model.logits(last).float().log_softmax(-1)[:, ids.to(model.device)].cpu())
+        rows = _in_order(batches, gather(mine, rank, world), len(ctxs))
+        return torch.stack(rows) if rows else torch.empty(0, len(choices))
+    nll = continuation_nll(model, [(c, ch) for c in ctxs for ch in choices], batch_size, progress, desc,
+                           rank, world)
     return -torch.tensor(nll).view(len(ctxs), len(choices))
 
 
 def answer_loss(model, tok, pairs: list[tuple[str, str]], batch_size: int = 8, max_tokens: int = 1024,
-                progress: bool = True) -> dict:
+                progress: bool = True, rank: int = 0, world: int = 1) -> dict:
     """Held-out answer loss: Σ CE of the reference answers / Σ answer tokens, each answer given
     qa_prompt_ids(question). Over max_tokens, the answer is cut first (to what fits after the
-    prompt, at least one token), then the prompt from the left."""
+    prompt, at least one token), then the prompt from the left. Under torchrun (rank, world) the
+    ranks share the work and each returns the whole result."""
     seqs, truncated = [], []
     for q, a in pairs:
         p, ans = qa_prompt_ids(tok, q), qa_answer_ids(tok, a)
@@ -109,11 +133,33 @@ def answer_loss(model, tok, pairs: list[tuple[str, str]], batch_size: int = 8, m
             p = tok.with_bos(p[len(p) + len(ans) - max_tokens + tok.add_bos:])
         seqs.append((p, ans))
         truncated.append(n > max_tokens)
-    nll = continuation_nll(model, seqs, batch_size, progress)
+    nll = continuation_nll(model, seqs, batch_size, progress, rank=rank, world=world)
     tokens = sum(len(a) for _, a in seqs)
     per_item = [{"loss": l / len(a), "tokens": len(a), "truncated": t}
                 for l, (_, a), t in zip(nll, seqs, truncated)]
     return {"loss": sum(nll) / max(tokens, 1), "tokens": tokens, "per_item": per_item}
+
+
+# ----------------------------------------------------------------------------------------------
+# Under torchrun (rank, world) each rank decodes and tests its share of the items, and every rank
+# gets all the results in item order, so the records are those of one process.
+
+def generate(model, tok, prompts: list[list[int]], max_new_tokens: int, stop, batch_size: int,
+             rank: int = 0, world: int = 1, shared_prefix: bool = False) -> list[list[int]]:
+    """Greedy generate_from_ids of the prompts, this rank's share of them. shared_prefix: the
+    prompts' common start (the k-shot exemplars) is prefilled once; it is found over all the
+    prompts, not the share, so that each prompt is computed as in one process."""
+    prefix, rest = split_common_prefix(prompts) if shared_prefix else ([], prompts)
+    return gather(generate_from_ids(model, deal(rest, rank, world), max_new_tokens, tok.eos_id, stop=stop,
+                                    batch_size=batch_size, progress=rank == 0, prefix=prefix), rank, world)
+
+
+def run_tests(jobs: list[tuple[str, list[str] | str]], rank: int = 0, world: int = 1,
+              setup: list[str] | None = None) -> list[tuple[bool, str]]:
+    """sandbox.run_tests_many of this rank's share of the jobs, on its share of the CPUs."""
+    setup = deal(setup if setup is not None else [""] * len(jobs), rank, world)
+    return gather(sandbox.run_tests_many(deal(jobs, rank, world), timeout_s=10.0, workers=cpus_per_rank(),
+                                         progress=rank == 0, setup=setup), rank, world)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -162,12 +208,11 @@ def _same_number(a: float | None, b: float) -> bool:
     return a is not None and math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-6)
 
 
-def run_gsm8k(model, tok, items, shots, batch_size):
+def run_gsm8k(model, tok, items, shots, batch_size, rank=0, world=1):
     # the shots' tokens (the same in every prompt) are prefilled once and shared by every row
     prompts = [tok.with_bos(tok.encode(gsm8k_prompt(shots, e.text))) for e in items]
-    prefix, rest = split_common_prefix(prompts) if shots else ([], prompts)
-    gen = generate_from_ids(model, rest, 256, tok.eos_id, stop=stop_on(tok, GSM8K_STOPS),
-                            batch_size=batch_size, progress=True, prefix=prefix)
+    gen = generate(model, tok, prompts, 256, stop_on(tok, GSM8K_STOPS), batch_size, rank, world,
+                   shared_prefix=bool(shots))
     records = []
     for e, g in zip(items, gen):
         completion = cut_at(tok.decode(g), GSM8K_STOPS).strip()
@@ -194,15 +239,13 @@ def mbpp_prompt(shots: list[data.Example], e: data.Example) -> str:
     return demos + _mbpp_task(e)
 
 
-def run_mbpp(model, tok, items, shots, batch_size):
+def run_mbpp(model, tok, items, shots, batch_size, rank=0, world=1):
     prompts = [tok.with_bos(tok.encode(mbpp_prompt(shots, e))) for e in items]
-    prefix, rest = split_common_prefix(prompts) if shots else ([], prompts)
-    gen = generate_from_ids(model, rest, 384, tok.eos_id, stop=stop_on(tok, MBPP_STOPS),
-                            batch_size=batch_size, progress=True, prefix=prefix)
+    gen = generate(model, tok, prompts, 384, stop_on(tok, MBPP_STOPS), batch_size, rank, world,
+                   shared_prefix=bool(shots))
     codes = [cut_at(tok.decode(g), MBPP_STOPS).strip() for g in gen]
     jobs = [(c, e.meta["test_list"]) for c, e in zip(codes, items)]
-    results = sandbox.run_tests_many(jobs, timeout_s=10.0, progress=True,
-                                     setup=[e.meta.get("test_setup_code", "") for e in items])
+    results = run_tests(jobs, rank, world, setup=[e.meta.get("test_setup_code", "") for e in items])
     return [{"id": e.id, "question": e.text, "completion": c, "correct": bool(ok), "detail": detail[-500:]}
             for e, c, (ok, detail) in zip(items, codes, results)]
 
@@ -213,13 +256,13 @@ def run_mbpp(model, tok, items, shots, batch_size):
 HUMANEVAL_STOPS = ["\ndef ", "\nclass ", "\nif __name__", "\nprint("]
 
 
-def run_humaneval(model, tok, items, shots, batch_size):
-    gen = generate_from_ids(model, [tok.with_bos(tok.encode(e.text)) for e in items], 384, tok.eos_id,
-                            stop=stop_on(tok, HUMANEVAL_STOPS), batch_size=batch_size, progress=True)
+def run_humaneval(model, tok, items, shots, batch_size, rank=0, world=1):
+    gen = generate(model, tok, [tok.with_bos(tok.encode(e.text)) for e in items], 384,
+                   stop_on(tok, HUMANEVAL_STOPS), batch_size, rank, world)
     completions = [cut_at(tok.decode(g), HUMANEVAL_STOPS) for g in gen]
     jobs = [(e.text + c, e.meta["test"] + f"\ncheck({e.meta['entry_point']})\n")
             for e, c in zip(items, completions)]
-    results = sandbox.run_tests_many(jobs, timeout_s=10.0, progress=True)
+    results = run_tests(jobs, rank, world)
     return [{"id": e.id, "task_id": e.meta["task_id"], "completion": c, "correct": bool(ok),
              "detail": detail[-500:]} for e, c, (ok, detail) in zip(items, completions, results)]
 
@@ -235,12 +278,12 @@ def boolq_context(e: data.Example) -> str:
     return BOOLQ_TEMPLATE.format(passage=e.meta["passage"], question=e.meta["question"])
 
 
-def run_boolq(model, tok, items, shots, batch_size):
+def run_boolq(model, tok, items, shots, batch_size, rank=0, world=1):
     demos = "".join(boolq_context(s) + BOOLQ_CHOICES[s.answer] + "\n\n" for s in shots)
     ctxs = [tok.with_bos(tok.encode(demos + boolq_context(e))) for e in items]
     labels = list(BOOLQ_CHOICES)
     lp = choice_logprobs(model, ctxs, [tok.encode(BOOLQ_CHOICES[k]) for k in labels], batch_size,
-                         progress=True, desc="boolq")
+                         progress=True, desc="boolq", rank=rank, world=world)
     return [{"id": e.id, "question": e.meta["question"], "reference": e.answer,
              "prediction": labels[int(row.argmax())], "logprobs": dict(zip(labels, row.tolist())),
              "correct": labels[int(row.argmax())] == e.answer} for e, row in zip(items, lp)]
@@ -259,10 +302,9 @@ def normalize_answer(s: str) -> str:
     return " ".join(s.split())
 
 
-def run_triviaqa(model, tok, items, shots, batch_size):
+def run_triviaqa(model, tok, items, shots, batch_size, rank=0, world=1):
     prompts = [tok.with_bos(tok.encode(PLAIN_QA.format(question=e.text))) for e in items]
-    gen = generate_from_ids(model, prompts, 32, tok.eos_id, stop=stop_on(tok, TRIVIAQA_STOPS),
-                            batch_size=batch_size, progress=True)
+    gen = generate(model, tok, prompts, 32, stop_on(tok, TRIVIAQA_STOPS), batch_size, rank, world)
     records = []
     for e, g in zip(items, gen):
         pred = cut_at(tok.decode(g), TRIVIAQA_STOPS).strip()
@@ -288,7 +330,7 @@ def end_ids(tok) -> set[int]:
     return {tok.eos_id} | {tok.special_tokens[n] for n in names if n in getattr(tok, "special_tokens", {})}
 
 
-def chat_answers(model, tok, items, max_new_tokens: int, batch_size: int) -> list[dict]:
+def chat_answers(model, tok, items, max_new_tokens: int, batch_size: int, rank: int = 0, world: int = 1) -> list[dict]:
     """Greedy 0-shot answers to qa_prompt_ids(question): the text before the end of the turn.
     "finished" is False when the token budget ran out first (an answer cut short). Without a chat
     template (the plain "Question: ...\\nAnswer:" form) the answer also ends where a new "Question:"
@@ -297,8 +339,8 @@ def chat_answers(model, tok, items, max_new_tokens: int, batch_size: int) -> lis
     stops = [] if tok.chat_template else GSM8K_STOPS
     text_stop = stop_on(tok, stops) if stops else None
     stop = lambda ids: ids[-1] in ends or (text_stop is not None and text_stop(ids))
-    gen = generate_from_ids(model, [qa_prompt_ids(tok, e.text) for e in items], max_new_tokens, tok.eos_id,
-                            stop=stop, batch_size=batch_size, progress=True)
+    gen = generate(model, tok, [qa_prompt_ids(tok, e.text) for e in items], max_new_tokens, stop, batch_size,
+                   rank, world)
     out = []
     for g in gen:
         ended = bool(g) and g[-1] in ends
@@ -308,10 +350,10 @@ def chat_answers(model, tok, items, max_new_tokens: int, batch_size: int) -> lis
     return out
 
 
-def run_gsm8k_chat(model, tok, items, batch_size):
+def run_gsm8k_chat(model, tok, items, batch_size, rank=0, world=1):
     """GSM8K pass@1 in the chat format: gsm8k_extract of the answer (its "#### N" if it has one, else
     its last number) against the reference."""
-    out = chat_answers(model, tok, items, GSM8K_CHAT_TOKENS, batch_size)
+    out = chat_answers(model, tok, items, GSM8K_CHAT_TOKENS, batch_size, rank, world)
     for e, r in zip(items, out):
         pred = gsm8k_extract(r["chat_completion"])
         r.update(chat_prediction=pred, chat_correct=_same_number(pred, gsm8k_reference(e.answer)))
@@ -377,14 +419,14 @@ def mbpp_bind_entry_point(code: str, entry: str | None) -> str:
     return code + f"\n{entry} = {names[0]}\n"
 
 
-def run_mbpp_chat(model, tok, items, batch_size):
+def run_mbpp_chat(model, tok, items, batch_size, rank=0, world=1):
     """MBPP pass@1 in the chat format: mbpp_code of the answer, bound to the tests' function name,
     run against the asserts in the sandbox as run_mbpp does."""
-    out = chat_answers(model, tok, items, MBPP_CHAT_TOKENS, batch_size)
+    out = chat_answers(model, tok, items, MBPP_CHAT_TOKENS, batch_size, rank, world)
     codes = [mbpp_bind_entry_point(mbpp_code(r["chat_completion"]), mbpp_entry_point(e.meta["test_list"]))
              for e, r in zip(items, out)]
-    results = sandbox.run_tests_many([(c, e.meta["test_list"]) for c, e in zip(codes, items)], timeout_s=10.0,
-                                     progress=True, setup=[e.meta.get("test_setup_code", "") for e in items])
+    results = run_tests([(c, e.meta["test_list"]) for c, e in zip(codes, items)], rank, world,
+                        setup=[e.meta.get("test_setup_code", "") for e in items])
     for r, c, (ok, detail) in zip(out, codes, results):
         r.update(chat_code=c, chat_correct=bool(ok), chat_detail=detail[-500:])
     return out
@@ -406,13 +448,13 @@ def boolq_chat_tokens(tok) -> dict[str, list[int]]:
     return out
 
 
-def run_boolq_chat(model, tok, items, batch_size):
+def run_boolq_chat(model, tok, items, batch_size, rank=0, world=1):
     """BoolQ accuracy from chat-format probabilities: log Σ p(first token) over each label's spellings
     after qa_prompt_ids(text); the larger one is the prediction."""
     words = boolq_chat_tokens(tok)
     labels, flat = list(words), [t for k in words for t in words[k]]
     lp = choice_logprobs(model, [qa_prompt_ids(tok, e.text) for e in items], [[t] for t in flat], batch_size,
-                         progress=True, desc="boolq chat")
+                         progress=True, desc="boolq chat", rank=rank, world=world)
     cols, s = [], 0
     for k in labels:
         cols.append(lp[:, s:s + len(words[k])].logsumexp(-1))
@@ -461,13 +503,10 @@ def default_out(task: str, model: str) -> Path:
     return Path("out/eval") / f"{task}-{name}.json"
 
 
-def _stage(task: str, what: str, t0: float):
-    print(f"eval {task}: {what} ({time.time() - t0:.1f}s)", flush=True)
-
-
 def evaluate_task(task: str, model: str, limit: int | None = None, shots: int | None = None,
                   batch_size: int = 8, out: str | None = None, dtype: str = "auto",
-                  loss_only: bool = False, loss_limit: int | None = None, chat: bool = True) -> dict:
+                  loss_only: bool = False, loss_limit: int | None = None, chat: bool = True,
+                  rank: int = 0, world: int = 1) -> dict:
     """Task metric and held-out answer loss of `model` on `task`; writes per-item records and the
     summary as JSON to `out` (default out/eval/<task>-<model>.json) and returns the summary.
 
@@ -476,7 +515,9 @@ def evaluate_task(task: str, model: str, limit: int | None = None, shots: int | 
     The answer loss runs on the first `loss_limit` held-out items (default: all of them, whatever
     `limit` is: it is cheap and it is the figure that moves at this scale); its per-item values go to
     the output's "answer_losses" list (id, loss, tokens) for stats.compare_evals' paired bootstrap.
-    loss_only skips both metrics (score None): the answer loss alone is cheap, generation is not."""
+    loss_only skips both metrics (score None): the answer loss alone is cheap, generation is not.
+    Under torchrun (rank, world) every rank evaluates its share of the items and returns the whole
+    summary; rank 0 writes the file one process writes (its "seconds" aside)."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r} (available: {', '.join(TASKS)})")
     split, shot_split, default_shots, metric, run = TASKS[task]
@@ -490,16 +531,21 @@ def evaluate_task(task: str, model: str, limit: int | None = None, shots: int | 
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     out_path = Path(out) if out else default_out(task, model)
 
+    def _stage(what: str, t0: float):
+        if rank == 0:
+            print(f"eval {task}: {what} ({time.time() - t0:.1f}s)", flush=True)
+
     t0 = time.time()
-    heldout = data.load_examples(task, split)
-    items, loss_items = heldout[:limit], heldout[:loss_limit]
-    demos = data.load_examples(task, shot_split, limit=shots) if shots else []
-    _stage(task, f"{len(items)} held-out items ({task}/{split}), {len(demos)} shots; "
-                 f"answer loss on {len(loss_items)}", t0)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    lm = load_model(model, dtype=dtype_of(dtype, device), device=device)
-    tok = load_tokenizer(model)
-    _stage(task, f"loaded {model} ({lm.dtype}, {device})", t0)
+    with rank0_first(rank, world):      # downloads and conversions are cached once, by rank 0
+        heldout = data.load_examples(task, split)
+        items, loss_items = heldout[:limit], heldout[:loss_limit]
+        demos = data.load_examples(task, shot_split, limit=shots) if shots else []
+        _stage(f"{len(items)} held-out items ({task}/{split}), {len(demos)} shots; "
+               f"answer loss on {len(loss_items)}", t0)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        lm = load_model(model, dtype=dtype_of(dtype, device), device=device)
+        tok = load_tokenizer(model)
+    _stage(f"loaded {model} ({lm.dtype}, {device})", t0)
 
     t1 = time.time()
     chat_run = CHAT_RUNNERS.get(task) if chat and not loss_only else None
@@ -507,45 +553,49 @@ def evaluate_task(task: str, model: str, limit: int | None = None, shots: int | 
     if loss_only:
         records, n_correct, score = [{"id": e.id, "question": e.text} for e in items], None, None
     else:
-        records = run(lm, tok, items, demos, batch_size)
+        records = run(lm, tok, items, demos, batch_size, rank, world)
         n_correct = sum(r["correct"] for r in records)
         score = n_correct / len(records)
-        _stage(task, f"{metric} {score:.4f} ({n_correct}/{len(records)}) in {time.time() - t1:.1f}s", t0)
+        _stage(f"{metric} {score:.4f} ({n_correct}/{len(records)}) in {time.time() - t1:.1f}s", t0)
     if chat_run is not None:
         t1 = time.time()
-        for r, c in zip(records, chat_run(lm, tok, items, batch_size)):
+        for r, c in zip(records, chat_run(lm, tok, items, batch_size, rank, world)):
             r.update(c)
         k = sum(r["chat_correct"] for r in records)
         extra.update(chat_score=k / len(records), chat_correct=k)
         if "chat_finished" in records[0]:
             extra["chat_finished"] = sum(r["chat_finished"] for r in records)
-        _stage(task, f"0-shot chat {metric} {k / len(records):.4f} ({k}/{len(records)}) in "
-                     f"{time.time() - t1:.1f}s", t0)
+        _stage(f"0-shot chat {metric} {k / len(records):.4f} ({k}/{len(records)}) in "
+               f"{time.time() - t1:.1f}s", t0)
     if task == "boolq" and not loss_only:
         extra.update(boolq_priors(items, records))
-        _stage(task, f"majority label {extra['majority_label']!r}: accuracy {extra['majority_accuracy']:.4f}; "
-                     f"predicted true: {extra['true_share']:.3f} plain" +
-                     (f", {extra['chat_true_share']:.3f} chat" if "chat_true_share" in extra else ""), t0)
+        _stage(f"majority label {extra['majority_label']!r}: accuracy {extra['majority_accuracy']:.4f}; "
+               f"predicted true: {extra['true_share']:.3f} plain" +
+               (f", {extra['chat_true_share']:.3f} chat" if "chat_true_share" in extra else ""), t0)
 
     t1 = time.time()
-    al = answer_loss(lm, tok, [(e.text, reference_answer(task, e)) for e in loss_items], batch_size)
+    al = answer_loss(lm, tok, [(e.text, reference_answer(task, e)) for e in loss_items], batch_size,
+                     rank=rank, world=world)
     losses = [{"id": e.id, "loss": a["loss"], "tokens": a["tokens"], "truncated": a["truncated"]}
               for e, a in zip(loss_items, al["per_item"])]
     by_id = {a["id"]: a for a in losses}
     for r in records:
         if r["id"] in by_id:
             r["answer_loss"], r["answer_tokens"] = by_id[r["id"]]["loss"], by_id[r["id"]]["tokens"]
-    _stage(task, f"answer loss {al['loss']:.4f} over {al['tokens']} tokens of {len(loss_items)} items "
-                 f"in {time.time() - t1:.1f}s", t0)
+    _stage(f"answer loss {al['loss']:.4f} over {al['tokens']} tokens of {len(loss_items)} items "
+           f"in {time.time() - t1:.1f}s", t0)
 
     summary = {"task": task, "model": str(model), "metric": metric, "score": score, "n": len(records),
                "correct": n_correct, **extra, "answer_loss": al["loss"], "answer_tokens": al["tokens"],
                "answer_n": len(loss_items), "split": split, "shots": shots,
                "dtype": str(lm.dtype).removeprefix("torch."), "seconds": round(time.time() - t0, 1)}
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(out_path, lambda p: p.write_text(json.dumps(
-        {"summary": summary, "items": records, "answer_losses": losses}, indent=1, ensure_ascii=False)))
-    _stage(task, f"wrote {out_path}", t0)
+    if rank == 0:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(out_path, lambda p: p.write_text(json.dumps(
+            {"summary": summary, "items": records, "answer_losses": losses}, indent=1, ensure_ascii=False)))
+        _stage(f"wrote {out_path}", t0)
+    if world > 1:
+        torch.distributed.barrier()     # no rank goes on to read or skip the file before it is there
     return summary
 
 
@@ -579,12 +629,12 @@ def main(argv=None):
     t.add_argument("--no-chat", dest="chat", action="store_false", help="skip the 0-shot chat-format metric "
                    "(gsm8k, mbpp pass@1; boolq accuracy from True/False probabilities; default: run it)")
     args = p.parse_args(argv)
-    try:
+    with cli_errors():      # under torchrun the ranks share the items; rank 0 writes
+        rank, world, _ = init_distributed()
         summary = evaluate_task(args.task, args.model, args.limit, args.shots, args.batch_size, args.out,
-                                args.dtype, args.loss_only, args.loss_limit, args.chat)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
-    print(json.dumps(summary))
+                                args.dtype, args.loss_only, args.loss_limit, args.chat, rank, world)
+    if rank == 0:
+        print(json.dumps(summary))
     return summary
 
 

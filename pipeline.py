@@ -23,10 +23,10 @@ Your own target (--data FILE, task "custom"): the same steps on the file's recor
 (--test FILE, or a seeded 10% of FILE) is what decontamination, the answer loss and MAUVE use, and is
 never trained on; PT uses --pt-template or TEMPLATES["generic"]; there is no task metric.
 
-Under torchrun (gloo on CPUs, nccl on GPUs) every rank takes part in steps 1-3: the training is
-train.py's data-parallel one, and the generations and answers are dealt out in batches, which rank 0
-writes in order, so every file is the one a single process writes with the same seed. Steps 4-6
-run in rank 0 alone; the other ranks exit once step 3 is done.
+Under torchrun (gloo on CPUs, nccl on GPUs) every rank takes part in steps 1-3 and 6: the training
+is train.py's data-parallel one, and the generations, answers and evaluated items are dealt out, and
+rank 0 writes the results in order, so every file is the one a single process writes with the same
+seed. Steps 4-5 and MAUVE run in rank 0 alone while the other ranks wait.
 """
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ from tqdm import tqdm
 import answers
 import data
 import options
-from dist import append_in_rounds, cli_errors, init_distributed, local_threads, rank0_first
+from dist import append_in_rounds, cli_errors, init_distributed, rank0_first
 from runtime import DTYPES, dtype_of, keep_freed_memory
 from sampling import cut_at, generate_from_ids, stop_on
 from tokenizer import qa_prompt_ids
@@ -206,8 +206,8 @@ class PipelineConfig:
 class Run:
     """The run folder: settings.json (refuses other settings), state.json (finished steps with their
     counts and times), and each step's files; and the processes working on it. Under torchrun every
-    rank runs the steps that decode (train, generate, answer), each on its share, and rank 0 alone
-    writes the run's files and runs the rest.
+    rank runs the steps that decode (train, generate, answer, evaluate), each on its share, and rank 0
+    alone writes the run's files and runs the rest.
 
     The folder belongs to one run at a time: rank 0 holds its lock (data.lock: released by the
     kernel however the process ends) until close(), and a second pipeline on the folder is refused
@@ -812,33 +812,38 @@ def step_evaluate(run: Run):
             summary = evaluate_custom(run, model, path)
         else:
             summary = ev.evaluate_task(cfg.task, model, limit=cfg.eval_limit, out=str(path), dtype=cfg.dtype,
-                                       loss_limit=cfg.eval_loss_limit)
+                                       loss_limit=cfg.eval_loss_limit, rank=run.rank, world=run.world)
         curve.append({"step": step, "score": summary["score"], "chat_score": summary.get("chat_score"),
                       "answer_loss": summary["answer_loss"], "metric": summary["metric"], "n": summary["n"],
                       "answer_n": summary.get("answer_n", summary["n"]),
                       **{k: summary[k] for k in ("majority_accuracy", "true_share", "chat_true_share") if k in summary}})
-    mauve = step_mauve(run)
+    with rank0_first(run.rank, run.world):      # rank 0 measures MAUVE; the others then read its file
+        mauve = step_mauve(run)
     run.finish("evaluate", {"curve": curve, "mauve": mauve}, t0)
 
 
 def evaluate_custom(run: Run, model: str, out: Path) -> dict:
     """One model on a user's target, written like eval.evaluate_task's JSON: no task metric (a user's
     file has none); with reference answers, the held-out answer loss on the test side (eval.answer_loss,
-    the question->answer format fine-tuning trains on); without them, nothing to score."""
+    the question->answer format fine-tuning trains on, shared by the ranks); without them, nothing to score."""
     import eval as ev
     cfg = run.cfg
     items = test_side(cfg)[:cfg.eval_limit] if cfg.eval_limit else test_side(cfg)
     records = [{"id": e.id, "question": e.text} for e in items]
     loss, tokens = None, 0
     if cfg.answer_field:
-        lm = load_model(model, dtype=dtype_of(cfg.dtype, run.device), device=run.device)
-        al = ev.answer_loss(lm, load_tokenizer(model), [(e.text, e.answer) for e in items])
+        with rank0_first(run.rank, run.world):
+            lm, tok = load_model(model, dtype=dtype_of(cfg.dtype, run.device), device=run.device), load_tokenizer(model)
+        al = ev.answer_loss(lm, tok, [(e.text, e.answer) for e in items], rank=run.rank, world=run.world)
         loss, tokens = al["loss"], al["tokens"]
         for r, a in zip(records, al["per_item"]):
             r["answer_loss"], r["answer_tokens"] = a["loss"], a["tokens"]
     summary = {"task": CUSTOM, "data": cfg.data, "model": str(model), "metric": None, "score": None,
                "n": len(items), "answer_loss": loss, "answer_tokens": tokens}
-    data.write_json(out, {"summary": summary, "items": records})
+    if run.rank == 0:
+        data.write_json(out, {"summary": summary, "items": records})
+    if run.world > 1:
+        torch.distributed.barrier()     # no rank goes on to read or skip the file before it is there
     return summary
 
 
@@ -984,7 +989,7 @@ def _plot_curve(path: Path, curve: list[dict], cfg: PipelineConfig) -> Path | No
 # shared ones, each decoding its share; the rest are rank 0's.
 STEPS = {"train": step_train, "generate": step_generate, "answer": step_answer, "decontam": step_decontam,
          "finetune": step_finetune, "evaluate": step_evaluate}
-SHARED_STEPS = ("train", "generate", "answer")
+SHARED_STEPS = ("train", "generate", "answer", "evaluate")
 
 
 def default_out(cfg: PipelineConfig) -> str:
@@ -1011,17 +1016,19 @@ def _run_steps(run: Run, stop_after: str | None) -> Path:
     for name, fn in STEPS.items():
         if name == "train" and cfg.method not in SOFTSRV:
             continue
-        if name not in SHARED_STEPS and run.world > 1:
-            # Fine-tuning and evaluation run in one process: ranks 1.. are done, rank 0 goes on alone.
-            run.log(f"[{name}] and the steps after it run in rank 0 alone; the other {world - 1} ranks exit")
-            if rank != 0:
-                return run.out
-            run.world = 1
-            torch.set_num_threads(local_threads())    # the other ranks' cores are free now
-        if run.done(name):
-            run.log(f"[{name}] already done ({run.state[name]['seconds']:.0f}s)")
+        if name in SHARED_STEPS or world == 1:
+            _run_step(run, name, fn)
         else:
-            fn(run)
+            # Decontamination and fine-tuning run in one process: rank 0, with the waiting ranks' cores
+            # (rank0_first), and as a run of one, so that it waits for no one at the step's end.
+            run.log(f"[{name}] runs in rank 0 alone; the other {world - 1} ranks wait")
+            with rank0_first(rank, world):
+                if rank == 0:
+                    run.world = 1
+                    try:
+                        _run_step(run, name, fn)
+                    finally:
+                        run.world = world
         if name == stop_after:
             run.log(f"pipeline: stopped after {name} (--stop-after); the same command without it goes on")
             return run.out
@@ -1029,6 +1036,13 @@ def _run_steps(run: Run, stop_after: str | None) -> Path:
         write_report(run)
         print(f"pipeline: {run.out} complete in {time.time() - t0:.0f}s")
     return run.out
+
+
+def _run_step(run: Run, name: str, fn):
+    if run.done(name):
+        run.log(f"[{name}] already done ({run.state[name]['seconds']:.0f}s)")
+    else:
+        fn(run)
 
 
 def custom_args(p: argparse.ArgumentParser, args):

@@ -1,7 +1,7 @@
 """torchrun with 2 processes on the CPU (gloo) gives what one process gives: the same θ after
 training (and after a resumed run), the same samples file from generate.py (also when completing
-an interrupted one), and the same files from the pipeline's decoding steps; a user mistake ends
-every rank with the same one line."""
+an interrupted one), the same evaluation file from eval.py, and the same files from the pipeline's
+decoding and evaluation steps; a user mistake ends every rank with the same one line."""
 import json
 import os
 import subprocess
@@ -77,6 +77,29 @@ def test_two_processes_train_and_generate_like_one(tiny_backbone, questions, tmp
     assert (tmp_path / "multi.jsonl").read_text().splitlines() == expected
 
 
+def without_timing(path):
+    """An evaluation file without its one timing field (the summary's wall time)."""
+    out = json.loads(path.read_text())
+    del out["summary"]["seconds"]
+    return out
+
+
+def test_two_processes_evaluate_like_one(tiny_backbone, tmp_path):
+    """eval.py under torchrun: the items of the k-shot metric (its shared prefix split off all the
+    prompts), of the chat metric and of the answer loss are dealt out; rank 0 writes the file one
+    process writes. 5 items on 2 ranks: unequal shares. The reference is a one-process torchrun, so
+    that both sides run on one thread."""
+    args = ["task", "gsm8k", "--model", str(tiny_backbone), "--limit", "5", "--shots", "2", "--loss-limit", "7",
+            "--batch-size", "2", "--dtype", "fp32"]
+    one = torchrun("eval.py", args + ["--out", str(tmp_path / "one.json")], tmp_path, nproc=1)
+    two = torchrun("eval.py", args + ["--out", str(tmp_path / "two.json")], tmp_path)
+    assert two.stdout.count("eval gsm8k: wrote") == 1 and two.stdout.count('"task": "gsm8k"') == 1
+    expected = without_timing(tmp_path / "one.json")
+    assert len(expected["items"]) == 5 and len(expected["answer_losses"]) == 7
+    assert without_timing(tmp_path / "two.json") == expected
+    assert json.loads(one.stdout.splitlines()[-1])["answer_loss"] == expected["summary"]["answer_loss"]
+
+
 def pipeline_args(backbone, method, out):
     # BoolQ: its labels come from the answerer's probabilities, so a random model's answers pass the
     # gates (its free text never ends, and the pipeline drops every unfinished answer)
@@ -86,8 +109,9 @@ def pipeline_args(backbone, method, out):
 
 
 def test_two_processes_run_the_pipeline_like_one(tiny_backbone, tmp_path):
-    """pipeline.py under torchrun: both ranks decode steps 1-3, rank 0 runs the rest alone, and every
-    file of the decoding steps is the one-process file. PT_SR has all three kinds of chunked
+    """pipeline.py under torchrun: both ranks decode steps 1-3 and share the evaluation, rank 0 runs
+    decontamination and fine-tuning alone meanwhile, and every file of the decoding steps and every
+    evaluation file (its wall time aside) is the one-process file. PT_SR has all three kinds of chunked
     generation (completions, a critique/refine round, answers); SS_NP goes through generate.py, from
     the one-process run's trained θ (DDP's θ matches only to float tolerance, so its samples could differ)."""
     import shutil
@@ -105,3 +129,9 @@ def test_two_processes_run_the_pipeline_like_one(tiny_backbone, tmp_path):
         state_one, state_two = (json.loads((d / "state.json").read_text()) for d in (one, two))
         assert list(state_two) == list(state_one)
         assert state_two["evaluate"]["curve"][0]["step"] == 0 and (two / "report.md").exists()
+        evals = sorted(p.name for p in (one / "eval").glob("step-*.json"))
+        assert len(evals) > 1 and evals == sorted(p.name for p in (two / "eval").glob("step-*.json"))
+        for name in evals:      # fine-tuned checkpoints are named by their folder
+            got = json.loads(json.dumps(without_timing(two / "eval" / name)).replace(str(two), str(one)))
+            assert got == without_timing(one / "eval" / name), name
+        assert state_two["evaluate"]["curve"] == state_one["evaluate"]["curve"]
