@@ -15,7 +15,7 @@ RUNS=${RUNS:-runs/tables}
 N=${N:-200}
 STEPS=${STEPS:-12}
 DTYPE=${DTYPE:-auto}   # matmul precision of every step (bf16 autocast where the CPU has bf16 units)
-CTRL=$RUNS/gsm8k-train
+CTRL=$RUNS/sweep/control     # its own folder: the train arm of paper_tables.sh has other fine-tuning settings
 $PY pipeline.py --task gsm8k --method train --n-keep "$N" --dtype "$DTYPE" --out "$CTRL" --stop-after decontam
 mkdir -p "$RUNS/sweep"
 [ -f "$RUNS/sweep/base.json" ] || $PY eval.py task gsm8k --loss-only --dtype "$DTYPE" --out "$RUNS/sweep/base.json"
