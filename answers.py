@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 import data
-from eval import choice_logprobs, gsm8k_clean, gsm8k_extract
+from tasks import choice_logprobs, gsm8k_clean, gsm8k_extract
 from sampling import cut_at, generate_from_ids, row_seed, split_common_prefix, stop_on
 from tokenizer import qa_prompt_ids
 

@@ -346,7 +346,7 @@ def answer_sides(model, hf, tok, cfg: BenchConfig) -> dict:
 
 def fewshot_sides(model, hf, tok, cfg: BenchConfig) -> dict:
     """eval.py's k-shot GSM8K decode: {side: call returning the generated token lists}."""
-    from eval import GSM8K_STOPS, gsm8k_prompt
+    from tasks import GSM8K_STOPS, gsm8k_prompt
     shots = gsm8k_items("train", cfg.fewshot_shots)
     prompts = [tok.encode(gsm8k_prompt(shots, e.text)) for e in gsm8k_items("test", cfg.fewshot_items)]
     prefix, rest = split_common_prefix(prompts)

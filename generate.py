@@ -29,8 +29,8 @@ import options
 from dist import append_in_rounds, cli_errors, init_distributed, rank0_first
 from runtime import DTYPES, dtype_of, keep_freed_memory
 from sampling import sample
-from softsrv import ContextEncoder, context_vectors, load_checkpoint, prepend_bos, theta_hash
-from train import TrainConfig, load_training_data
+from softsrv import (ContextEncoder, TrainConfig, context_vectors, load_checkpoint, load_training_data, prepend_bos,
+                     theta_hash)
 from weights import load_model, load_tokenizer
 
 

@@ -47,6 +47,7 @@ from tqdm import tqdm
 import answers
 import data
 import options
+import tasks
 from dist import append_in_rounds, cli_errors, init_distributed, rank0_first
 from runtime import DTYPES, dtype_of, keep_freed_memory
 from sampling import cut_at, generate_from_ids, stop_on
@@ -744,8 +745,7 @@ def step_answer(run: Run):
 def eval_items(task: str) -> list[data.Example]:
     """The items the run is evaluated on: eval.py's held-out split (offline: the held-out part of the
     test fold); with the real train fold from the hub, the whole test fold."""
-    from eval import TASKS as EVAL_TASKS
-    split = EVAL_TASKS[task][0]
+    split = tasks.TASKS[task][0]
     if split == "test" and any(e.meta.get("source") == "hf-hub" for e in data.load_examples(task, "train")[:1]):
         split = "test_full"
     return data.load_examples(task, split)
@@ -797,7 +797,6 @@ def step_finetune(run: Run):
 
 
 def step_evaluate(run: Run):
-    import eval as ev
     cfg = run.cfg
     ckpts = [(0, cfg.student)] + [(s, str(p)) for s, p in ft_checkpoints(run)]
     t0 = run.start("evaluate", f"{len(ckpts)} models (the student before fine-tuning and each checkpoint), "
@@ -811,7 +810,7 @@ def step_evaluate(run: Run):
         elif cfg.task == CUSTOM:
             summary = evaluate_custom(run, model, path)
         else:
-            summary = ev.evaluate_task(cfg.task, model, limit=cfg.eval_limit, out=str(path), dtype=cfg.dtype,
+            summary = tasks.evaluate_task(cfg.task, model, limit=cfg.eval_limit, out=str(path), dtype=cfg.dtype,
                                        loss_limit=cfg.eval_loss_limit, rank=run.rank, world=run.world)
         curve.append({"step": step, "score": summary["score"], "chat_score": summary.get("chat_score"),
                       "answer_loss": summary["answer_loss"], "metric": summary["metric"], "n": summary["n"],
@@ -823,10 +822,9 @@ def step_evaluate(run: Run):
 
 
 def evaluate_custom(run: Run, model: str, out: Path) -> dict:
-    """One model on a user's target, written like eval.evaluate_task's JSON: no task metric (a user's
-    file has none); with reference answers, the held-out answer loss on the test side (eval.answer_loss,
+    """One model on a user's target, written like tasks.evaluate_task's JSON: no task metric (a user's
+    file has none); with reference answers, the held-out answer loss on the test side (tasks.answer_loss,
     the question->answer format fine-tuning trains on, shared by the ranks); without them, nothing to score."""
-    import eval as ev
     cfg = run.cfg
     items = test_side(cfg)[:cfg.eval_limit] if cfg.eval_limit else test_side(cfg)
     records = [{"id": e.id, "question": e.text} for e in items]
@@ -834,7 +832,7 @@ def evaluate_custom(run: Run, model: str, out: Path) -> dict:
     if cfg.answer_field:
         with rank0_first(run.rank, run.world):
             lm, tok = load_model(model, dtype=dtype_of(cfg.dtype, run.device), device=run.device), load_tokenizer(model)
-        al = ev.answer_loss(lm, tok, [(e.text, e.answer) for e in items], rank=run.rank, world=run.world)
+        al = tasks.answer_loss(lm, tok, [(e.text, e.answer) for e in items], rank=run.rank, world=run.world)
         loss, tokens = al["loss"], al["tokens"]
         for r, a in zip(records, al["per_item"]):
             r["answer_loss"], r["answer_tokens"] = a["loss"], a["tokens"]

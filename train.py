@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -26,52 +26,11 @@ import options
 from dist import all_sum, cli_errors, init_distributed, rank0_first
 from runtime import DTYPES, dtype_of, keep_freed_memory
 from sampling import sample
-from softsrv import (CKPT_CONFIG, ContextEncoder, build_soft_prompt, context_vectors, load_checkpoint,
-                     load_optimizer_state, lr_at, pad_targets, prepend_bos, save_checkpoint, softsrv_loss)
+from softsrv import (CKPT_CONFIG, PRESETS, ContextEncoder, TrainConfig, build_soft_prompt, context_vectors,
+                     load_checkpoint, load_optimizer_state, load_training_data, lr_at, pad_targets, prepend_bos,
+                     save_checkpoint, softsrv_loss)
 from weights import DEFAULT_MODEL, load_model, load_tokenizer
 
-# Paper (Sec. 3.3): t = 128, 20K steps, Adam, lr 5e-6, MC 3x128 MLPs, MP k = 2. The paper
-# does not give the batch size; 16 is assumed. The cpu preset changes, and why:
-# - prompt_len 16 instead of 128: every soft token is paid for on every step by a 2-core CPU; 16
-#   already reaches a clearly lower held-out loss (docs/heldout_loss.md).
-# - 250 steps of batch 8 instead of 20K: the whole job must fit in minutes on a CPU (docs/performance.md).
-# - lr 2.4e-2 (NP, MP) and 3e-3 (MC) instead of 5e-6: with 250 steps, 5e-6 would not move θ at all.
-#   Each is the best of a sweep on seed 0 (docs/heldout_loss.md): NP's held-out loss fell from 3e-3 up to 2.4e-2,
-#   rose at 4.8e-2; MC's MLPs amplify updates, so it wants less.
-# - max_tokens 128: GSM8K questions are almost all shorter, and it bounds a step's cost.
-# - mp_decay 3 instead of none: on the 889 offline questions MP2's bases overfit their modes (see
-#   SoftPromptMP); best of 0/1/3 on seed 0, and ahead of NP on seeds 1 and 2 as well (docs/heldout_loss.md).
-PRESETS = {
-    "cpu": dict(prompt_len=16, steps=250, batch_size=8, lr={"np": 2.4e-2, "mp": 2.4e-2, "mc": 3e-3},
-                max_tokens=128, eval_every=50, warmup=10, mp_decay=3.0),
-    "paper": dict(prompt_len=128, steps=20_000, batch_size=16, lr={"np": 5e-6, "mp": 5e-6, "mc": 5e-6},
-                  max_tokens=512, eval_every=1000, warmup=0, mp_decay=0.0),
-}
-
-
-@dataclass
-class TrainConfig:
-    param: str = "mc"                 # np | mp | mc
-    k: int = 2                        # MPk: number of basis embeddings
-    mp_decay: float = 0.0             # MPk: AdamW weight decay of the deviations D_j - mean_i D_i
-    prompt_len: int = 16              # t, soft tokens
-    hidden: int = 128                 # MC: hidden width of each 3-layer MLP
-    steps: int = 250
-    lr: float = 1e-3
-    warmup: int = 10
-    batch_size: int = 8
-    max_tokens: int = 128             # target tokens per example (longer ones are cut)
-    data: str = "gsm8k"
-    field: str | None = None
-    split: str = "train"
-    n_heldout: int = 100
-    model: str = DEFAULT_MODEL
-    embed_model: str = DEFAULT_MODEL
-    out: str = "out/ss_mc"
-    seed: int = 0
-    eval_every: int = 50
-    dtype: str = "auto"
-    preset: str = "cpu"
 
 
 def make_optimizer(prompt, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -115,15 +74,6 @@ def heldout_loss(backbone, tok, prompt, z, token_lists, cfg: TrainConfig, n_byte
         total, count = total + loss.item(), count + n.item()
     total, count = all_sum(world, total, count)
     return total / count, total / (math.log(2) * n_bytes)
-
-
-def load_training_data(cfg: TrainConfig):
-    """The target sample, cut into (train, held-out) exactly as every run with this config cuts it."""
-    examples = data.load_examples(cfg.data, split=cfg.split, field=cfg.field)
-    if len(examples) < cfg.n_heldout + cfg.batch_size:
-        raise ValueError(f"--data {cfg.data}: {len(examples)} examples, fewer than --n-heldout "
-                         f"{cfg.n_heldout} + --batch-size {cfg.batch_size}")
-    return data.split_heldout(examples, cfg.n_heldout, seed=cfg.seed)
 
 
 def train(cfg: TrainConfig, resume: bool = False, show_samples: int = 3) -> dict:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import data
-import eval as ev
+import tasks
 from conftest import QUESTIONS, save_hf
 from test_gemma import gemma3, small_sentencepiece
 from tokenizer import Tokenizer, qa_prompt_ids
@@ -76,10 +76,10 @@ def capture(monkeypatch):
         seen["prompts"] = [c for c, _ in seqs]
         seen["seqs"] = seqs
         return [0.0] * len(seqs)
-    monkeypatch.setattr(ev, "generate_from_ids", generate)
-    monkeypatch.setattr(ev, "choice_logprobs", choices)
-    monkeypatch.setattr(ev, "continuation_nll", nll)
-    monkeypatch.setattr(ev.sandbox, "run_tests_many", lambda jobs, **k: [(False, "")] * len(jobs))
+    monkeypatch.setattr(tasks, "generate_from_ids", generate)
+    monkeypatch.setattr(tasks, "choice_logprobs", choices)
+    monkeypatch.setattr(tasks, "continuation_nll", nll)
+    monkeypatch.setattr(tasks.sandbox, "run_tests_many", lambda jobs, **k: [(False, "")] * len(jobs))
     return seen
 
 
@@ -98,21 +98,21 @@ def test_eval_prompts_start_with_one_bos_when_the_model_wants_it(backbones, monk
         tok.chat_template = (GEMMA_CHAT if name == "gemma" else tok.chat_template) if chat else None
         turn = "" if not chat else "<start_of_turn>user" if name == "gemma" else "<|im_start|>system"
         qa_start = turn or "Question:"
-        runs = [(lambda: ev.run_gsm8k(None, tok, [item], [shot], 4), "Question: What is 1+1?"),
-                (lambda: ev.run_mbpp(None, tok, [item], [shot], 4), "You are an expert"),
-                (lambda: ev.run_humaneval(None, tok, [item], [], 4), "A train"),
-                (lambda: ev.run_boolq(None, tok, [item], [yes], 4), "Water is wet"),
-                (lambda: ev.run_triviaqa(None, tok, [item], [], 4), "Question: A train"),
-                (lambda: ev.chat_answers(None, tok, [item], 8, 4), qa_start),
-                (lambda: ev.answer_loss(None, tok, [(item.text, "30")], progress=False), qa_start)]
+        runs = [(lambda: tasks.run_gsm8k(None, tok, [item], [shot], 4), "Question: What is 1+1?"),
+                (lambda: tasks.run_mbpp(None, tok, [item], [shot], 4), "You are an expert"),
+                (lambda: tasks.run_humaneval(None, tok, [item], [], 4), "A train"),
+                (lambda: tasks.run_boolq(None, tok, [item], [yes], 4), "Water is wet"),
+                (lambda: tasks.run_triviaqa(None, tok, [item], [], 4), "Question: A train"),
+                (lambda: tasks.chat_answers(None, tok, [item], 8, 4), qa_start),
+                (lambda: tasks.answer_loss(None, tok, [(item.text, "30")], progress=False), qa_start)]
         if chat:    # (the small Gemma vocabulary spells " True" and " False" alike at first)
-            runs.append((lambda: ev.run_boolq_chat(None, tok, [item], 4), qa_start))
+            runs.append((lambda: tasks.run_boolq_chat(None, tok, [item], 4), qa_start))
         for run, start in runs:
             run()
             assert_starts(tok, seen["prompts"], start)
         assert_starts(tok, [qa_prompt_ids(tok, item.text)], qa_start)
         # cut to fit max_tokens from the left, the prompt keeps its BOS
-        ev.answer_loss(None, tok, [(item.text * 20, "30")], max_tokens=40, progress=False)
+        tasks.answer_loss(None, tok, [(item.text * 20, "30")], max_tokens=40, progress=False)
         (p, a), = seen["seqs"]
         assert len(p) + len(a) == 40 and (p[0] == tok.bos_id) == tok.add_bos and p[1] != tok.bos_id
 

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import data
 import eval as ev
+import tasks
 from conftest import has_package
 from weights import load_model, load_tokenizer
 from sampling import cut_at, generate_from_ids, sample, stop_on
@@ -36,20 +37,20 @@ def tiny(tiny_backbone):
     ("Answer: 3.", 3),
 ])
 def test_gsm8k_extract(completion, expected):
-    got = ev.gsm8k_extract(completion)
-    assert got == expected if expected is None else ev._same_number(got, expected)
+    got = tasks.gsm8k_extract(completion)
+    assert got == expected if expected is None else tasks._same_number(got, expected)
 
 
 def test_gsm8k_reference_and_prompt():
     ex = data.Example("Q1?", "gsm8k/train/0", "2 + 2 = <<2+2=4>>4\n#### 1,004")
-    assert ev.gsm8k_reference(ex.answer) == 1004
-    prompt = ev.gsm8k_prompt([ex], "Q2?")
+    assert tasks.gsm8k_reference(ex.answer) == 1004
+    prompt = tasks.gsm8k_prompt([ex], "Q2?")
     assert prompt == "Question: Q1?\nAnswer: 2 + 2 = 4\n#### 1,004\n\nQuestion: Q2?\nAnswer:"
 
 
 def test_normalize_answer_for_triviaqa():
-    assert ev.normalize_answer("The  Beatles!") == ev.normalize_answer("beatles") == "beatles"
-    assert ev.normalize_answer("A Tale of Two Cities") == "tale of two cities"
+    assert tasks.normalize_answer("The  Beatles!") == tasks.normalize_answer("beatles") == "beatles"
+    assert tasks.normalize_answer("A Tale of Two Cities") == "tale of two cities"
 
 
 # --- the qa format -----------------------------------------------------------------------------
@@ -81,7 +82,7 @@ PAIRS = [("What is 2+2?", "4"), ("Name a colour.", "Blue, like the sky."),
 
 def test_answer_loss_equals_direct_computation(tiny):
     model, tok = tiny
-    got = ev.answer_loss(model, tok, PAIRS, batch_size=2, progress=False)
+    got = tasks.answer_loss(model, tok, PAIRS, batch_size=2, progress=False)
     total, count = 0.0, 0
     for (q, a), item in zip(PAIRS, got["per_item"]):
         p, ans = qa_prompt_ids(tok, q), qa_answer_ids(tok, a)
@@ -94,7 +95,7 @@ def test_answer_loss_equals_direct_computation(tiny):
 
 def test_answer_loss_truncates_to_max_tokens(tiny):
     model, tok = tiny
-    got = ev.answer_loss(model, tok, PAIRS[2:], max_tokens=40, progress=False)
+    got = tasks.answer_loss(model, tok, PAIRS[2:], max_tokens=40, progress=False)
     p = qa_prompt_ids(tok, PAIRS[2][0])
     assert got["per_item"][0]["truncated"] and got["tokens"] == 40 - len(p)
 
@@ -102,11 +103,11 @@ def test_answer_loss_truncates_to_max_tokens(tiny):
 def test_boolq_scoring_matches_direct_logits(tiny):
     model, tok = tiny
     items = data.load_examples("boolq", "dev", limit=3)
-    records = ev.run_boolq(model, tok, items, [], batch_size=2)
+    records = tasks.run_boolq(model, tok, items, [], batch_size=2)
     yes, no = tok.encode(" yes"), tok.encode(" no")
     assert len(yes) == len(no) == 1
     for e, r in zip(items, records):
-        logits = model(model.embed(torch.tensor([tok.encode(ev.boolq_context(e))])))[0, -1].float()
+        logits = model(model.embed(torch.tensor([tok.encode(tasks.boolq_context(e))])))[0, -1].float()
         lp = logits.log_softmax(-1)
         assert r["logprobs"]["true"] == pytest.approx(lp[yes[0]].item(), abs=1e-4)
         assert r["logprobs"]["false"] == pytest.approx(lp[no[0]].item(), abs=1e-4)
@@ -118,7 +119,7 @@ def test_multi_token_choices_equal_continuation_nll(tiny):
     model, tok = tiny
     ctxs = [tok.encode("The sky is"), tok.encode("Grass is usually")]
     choices = [tok.encode(" blue today"), tok.encode(" green")]
-    lp = ev.choice_logprobs(model, ctxs, choices)
+    lp = tasks.choice_logprobs(model, ctxs, choices)
     for i, c in enumerate(ctxs):
         for j, ch in enumerate(choices):
             logits = model(model.embed(torch.tensor([c + ch])))[0].float()
@@ -203,7 +204,7 @@ def test_mbpp_end_to_end(tiny_backbone, tmp_path, monkeypatch):
     assert summary["chat_score"] == 0.0
     items = data.load_examples("mbpp", "test", limit=2)
     gold = {e.text: e.answer for e in items}
-    monkeypatch.setattr(ev, "generate_from_ids", lambda model, prompts, *a, **k: [
+    monkeypatch.setattr(tasks, "generate_from_ids", lambda model, prompts, *a, **k: [
         model_tok.encode(next(c for q, c in gold.items() if q in model_tok.decode(p)) + "\n[DONE]")
         for p in prompts])
     model_tok = load_tokenizer(tiny_backbone)
@@ -267,12 +268,12 @@ def test_gsm8k_chat_score_counts_the_chat_answer(tiny_backbone, tmp_path, monkey
                 out.append((tok.encode(" and then") * max_new_tokens)[:max_new_tokens])
         return out
 
-    monkeypatch.setattr(ev, "generate_from_ids", fake_generate)
+    monkeypatch.setattr(tasks, "generate_from_ids", fake_generate)
     out = tmp_path / "g.json"
     summary = ev.main(["task", "gsm8k", "--model", str(tiny_backbone), "--limit", "4", "--shots", "1",
                        "--loss-limit", "4", "--out", str(out), "--dtype", "fp32"])
     recs = json.loads(out.read_text())["items"]
-    assert sorted(seen) == sorted((e.id, ev.GSM8K_CHAT_TOKENS, tok.eos_id) for e in items)
+    assert sorted(seen) == sorted((e.id, tasks.GSM8K_CHAT_TOKENS, tok.eos_id) for e in items)
     assert [r["chat_correct"] for r in recs] == [True, True, False, False]
     assert [r["chat_finished"] for r in recs] == [True, True, True, False]
     assert recs[0]["chat_completion"] == f"She pays 2 * 3 = 6.\n#### {refs[items[0].text]}"   # no end marker
@@ -287,18 +288,18 @@ def test_mbpp_code_from_a_chat_answer():
     answer = ("Here is a function that does it:\n\n```python\nimport math\n\ndef helper(x):\n    return x * 2\n\n"
               "def double_all(xs):\n    # uses the helper\n    return [helper(x) for x in xs]\n\n"
               "print(double_all([1, 2]))\nassert double_all([1]) == [3]\n```\n\nThis doubles each element.")
-    code = ev.mbpp_code(answer)
+    code = tasks.mbpp_code(answer)
     assert code == ("import math\ndef helper(x):\n    return x * 2\n\ndef double_all(xs):\n"
                     "    # uses the helper\n    return [helper(x) for x in xs]\n")
     # no fences, a decorator, a block cut at the token budget
-    assert ev.mbpp_code("Sure!\n@cache\ndef f(n):\n    return n\nf(3)") == "@cache\ndef f(n):\n    return n\n"
-    assert ev.mbpp_code("```python\n    def g():\n        return 1") == "def g():\n    return 1\n"
-    assert ev.mbpp_code("I cannot write code.") == "I cannot write code."
+    assert tasks.mbpp_code("Sure!\n@cache\ndef f(n):\n    return n\nf(3)") == "@cache\ndef f(n):\n    return n\n"
+    assert tasks.mbpp_code("```python\n    def g():\n        return 1") == "def g():\n    return 1\n"
+    assert tasks.mbpp_code("I cannot write code.") == "I cannot write code."
     tests = ["assert set(similar_elements((3, 4), (5, 4))) == set((4,))"]
-    assert ev.mbpp_entry_point(tests) == "similar_elements"
-    assert ev.mbpp_bind_entry_point("def common(a, b):\n    return 1\n", "similar_elements").endswith(
+    assert tasks.mbpp_entry_point(tests) == "similar_elements"
+    assert tasks.mbpp_bind_entry_point("def common(a, b):\n    return 1\n", "similar_elements").endswith(
         "\nsimilar_elements = common\n")
-    assert ev.mbpp_bind_entry_point("def similar_elements(a, b):\n    return 1\n", "similar_elements") == \
+    assert tasks.mbpp_bind_entry_point("def similar_elements(a, b):\n    return 1\n", "similar_elements") == \
         "def similar_elements(a, b):\n    return 1\n"
 
 
@@ -306,11 +307,11 @@ def test_boolq_chat_follows_the_larger_probability(tiny):
     """BoolQ in the chat format: the text as the user turn, each label's log-probability the
     log-sum of its spellings' first tokens as the assistant's first token; the larger one wins."""
     model, tok = tiny
-    words = ev.boolq_chat_tokens(tok)
+    words = tasks.boolq_chat_tokens(tok)
     assert words == {"true": sorted({tok.encode("True")[0], tok.encode("true")[0]}),
                      "false": sorted({tok.encode("False")[0], tok.encode("false")[0]})}
     items = data.load_examples("boolq", "dev", limit=4)
-    records = ev.run_boolq_chat(model, tok, items, batch_size=3)
+    records = tasks.run_boolq_chat(model, tok, items, batch_size=3)
     for e, r in zip(items, records):
         p = qa_prompt_ids(tok, e.text)
         assert tok.decode(p).endswith("assistant\n") and e.meta["passage"] in tok.decode(p)
@@ -325,7 +326,7 @@ def test_boolq_majority_label_and_true_shares(tiny_backbone, tmp_path):
     mk = lambda i, a: data.Example(f"q{i}", f"boolq/dev/{i}", a)
     items = [mk(0, "true"), mk(1, "false"), mk(2, "false"), mk(3, "false")]
     recs = [{"prediction": "false", "chat_prediction": "true"}] * 3 + [{"prediction": "true", "chat_prediction": "true"}]
-    got = ev.boolq_priors(items, recs)
+    got = tasks.boolq_priors(items, recs)
     assert got == {"majority_label": "false", "majority_accuracy": 0.75, "reference_true_share": 0.25,
                    "true_share": 0.25, "chat_true_share": 1.0}
     out = tmp_path / "b.json"

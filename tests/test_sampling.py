@@ -121,17 +121,17 @@ def test_gsm8k_scores_the_same_with_the_shared_prefix(tiny, monkeypatch):
     """eval.py's k-shot GSM8K prefills the shots once (split at the token level): same records as
     the whole prompts decoded row by row."""
     import data
-    import eval as ev
+    import tasks
     model, tok = tiny
     items, shots = data.load_examples("gsm8k", "test", limit=3), data.load_examples("gsm8k", "train", limit=2)
     seen = []
-    real = ev.generate_from_ids
+    real = tasks.generate_from_ids
     def short(model, prompts, max_new, *a, **k):            # 256 tokens a question is slow on a busy CPU
         seen.append(len(k["prefix"]))
         return real(model, prompts, 32, *a, **k)
-    monkeypatch.setattr(ev, "generate_from_ids", short)
-    shared = ev.run_gsm8k(model, tok, items, shots, 2)
-    monkeypatch.setattr(ev, "split_common_prefix", lambda prompts: ([], prompts))
-    whole = ev.run_gsm8k(model, tok, items, shots, 2)
+    monkeypatch.setattr(tasks, "generate_from_ids", short)
+    shared = tasks.run_gsm8k(model, tok, items, shots, 2)
+    monkeypatch.setattr(tasks, "split_common_prefix", lambda prompts: ([], prompts))
+    whole = tasks.run_gsm8k(model, tok, items, shots, 2)
     assert seen[0] > 100 and seen[1] == 0                  # the shots were shared, then not
     assert shared == whole

@@ -89,7 +89,7 @@ def downstream(runs: Path, task: str) -> list[str]:
 
 def mauve_table(runs: Path, task: str, seeds=(1, 2, 3, 4, 5), buckets: int = 32) -> list[str]:
     import mauve
-    from eval import TASKS as EVAL_TASKS
+    from tasks import TASKS as EVAL_TASKS
     arms = [a for a in LABELS if a != "base" and (runs / f"{task}-{a}" / "data.jsonl").exists()]
     if not arms:
         return []
