@@ -29,6 +29,8 @@ LABELS = {"base": "student before fine-tuning", "train": "train (control: real q
           "pt_asis": "PT, as-is answers (Fig. 9)"}
 # (A, B, what the paper says): the orderings its claims rest on
 COMPARISONS = [("train", "base", "fine-tuning on real pairs helps (the control must)"),
+               ("mc", "base", "fine-tuning on SoftSRV's pairs helps"),
+               ("pt", "base", "fine-tuning on PT's pairs helps"),
                ("mc", "pt", "SoftSRV beats prompt templates (Tables 1-2)"),
                ("mc", "pt_sr", "SoftSRV beats PT with self-refinement (Tables 1-2)"),
                ("mc", "np", "contextual beats non-contextual (MC > NP)"),
