@@ -543,14 +543,7 @@ class Transformer(nn.Module):
             local_mask = attn_mask & ((pos[:, None, :, None] - key_pos[:, None, None, :]) < cfg.sliding_window)
         masks = (attn_mask, local_mask)          # indexed by Block.local
 
-        x = embeds
-        ropes = (None, None)
-        if self.pos_emb is not None:
-            x = x + self.pos_emb(pos)
-        else:
-            ropes = (self._rope(pos, self.inv_freq, x.dtype),) * 2
-            if cfg.rope_local_theta is not None:
-                ropes = (ropes[0], self._rope(pos, self.inv_freq_local, x.dtype))
+        x, ropes = self._positions(embeds, pos)
         for block in self.blocks:
             x = block(x, ropes, masks, cache, start)
         if cache is not None:
@@ -585,14 +578,7 @@ class Transformer(nn.Module):
             local_row = row_mask & ((slots[:, :, None] - key) < w)[:, None]
             local_pre = ((pos[:, :, None] - torch.arange(P, device=dev)) < w)[:, None] if P else None
             local = (local_row, local_pre)
-        x = embeds
-        ropes = (None, None)
-        if self.pos_emb is not None:
-            x = x + self.pos_emb(pos)
-        else:
-            ropes = (self._rope(pos, self.inv_freq, x.dtype),) * 2
-            if cfg.rope_local_theta is not None:
-                ropes = (ropes[0], self._rope(pos, self.inv_freq_local, x.dtype))
+        x, ropes = self._positions(embeds, pos)
         try:
             with row_invariant():
                 for block in self.blocks:
@@ -612,6 +598,17 @@ class Transformer(nn.Module):
 
     def new_row_cache(self, batch: int, max_len: int, prefix: SharedPrefix | None = None) -> "RowCache":
         return RowCache(self.cfg, batch, max_len, dtype=self.dtype, device=self.device, prefix=prefix)
+
+    def _positions(self, embeds: torch.Tensor, pos: torch.Tensor):
+        """Token positions into the model: GPT-2 adds learned position embeddings to the input; RoPE
+        models get (global, local) rotations for the attention layers (Gemma 3's local layers use their
+        own base)."""
+        if self.pos_emb is not None:
+            return embeds + self.pos_emb(pos), (None, None)
+        ropes = (self._rope(pos, self.inv_freq, embeds.dtype),) * 2
+        if self.cfg.rope_local_theta is not None:
+            ropes = (ropes[0], self._rope(pos, self.inv_freq_local, embeds.dtype))
+        return embeds, ropes
 
     @staticmethod
     def _rope(pos: torch.Tensor, inv_freq: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
