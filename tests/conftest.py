@@ -61,6 +61,13 @@ def tiny_backbone(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="module")
+def tiny_lm(tiny_backbone):
+    """(model, tokenizer) of tiny_backbone, loaded once per test module."""
+    from weights import load_model, load_tokenizer
+    return load_model(tiny_backbone), load_tokenizer(tiny_backbone)
+
+
 # GSM8K-like questions the tests embed, train on and featurize.
 QUESTIONS = [
     "Tom has 3 apples and buys 5 more. How many apples does he have?",

@@ -5,18 +5,12 @@ import pytest
 import torch
 
 from conftest import QUESTIONS
-from weights import load_model, load_tokenizer
 from sampling import generate_from_ids, row_seed, sample, split_common_prefix
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_backbone):
-    return load_model(tiny_backbone), load_tokenizer(tiny_backbone)
-
-
-@pytest.fixture(scope="module")
-def prompts(tiny):
-    _, tok = tiny
+def prompts(tiny_lm):
+    _, tok = tiny_lm
     return [tok.encode(q) for q in QUESTIONS[:7]] + [tok.encode("x")]
 
 
@@ -37,8 +31,8 @@ def common_eos(model, prompts, n):
 
 
 @pytest.mark.parametrize("batch_size", [1, 3, 16])
-def test_greedy_equals_each_prompt_alone(tiny, prompts, batch_size):
-    model, _ = tiny
+def test_greedy_equals_each_prompt_alone(tiny_lm, prompts, batch_size):
+    model, _ = tiny_lm
     eos, _ = common_eos(model, prompts, 12)
     want = [alone(model, p, 12, eos) for p in prompts]
     got, finished = generate_from_ids(model, prompts, 12, eos_id=eos, batch_size=batch_size, return_finished=True)
@@ -47,8 +41,8 @@ def test_greedy_equals_each_prompt_alone(tiny, prompts, batch_size):
     assert 0 < sum(len(w) < 12 for w in want) < len(prompts)           # rows did end early: refills happened
 
 
-def test_finished_says_which_prompts_ended_before_the_cap(tiny, prompts):
-    model, _ = tiny
+def test_finished_says_which_prompts_ended_before_the_cap(tiny_lm, prompts):
+    model, _ = tiny_lm
     eos, free = common_eos(model, prompts, 10)
     target = free[1][3]
     stop = lambda ids: ids[-1] == target
@@ -66,8 +60,8 @@ def test_finished_says_which_prompts_ended_before_the_cap(tiny, prompts):
     assert generate_from_ids(model, prompts, 10, eos_id=eos, stop=stop, batch_size=3) == got
 
 
-def test_sampled_tokens_do_not_depend_on_the_batch(tiny, prompts):
-    model, _ = tiny
+def test_sampled_tokens_do_not_depend_on_the_batch(tiny_lm, prompts):
+    model, _ = tiny_lm
     kw = dict(temperature=1.0, top_p=0.95, seed=4)
     eos, _ = common_eos(model, prompts, 16)
     runs = [generate_from_ids(model, prompts, 16, eos_id=eos, batch_size=b, **kw) for b in (1, 2, 5, 16)]
@@ -83,8 +77,8 @@ def test_sampled_tokens_do_not_depend_on_the_batch(tiny, prompts):
     assert generate_from_ids(model, prompts, 16, eos_id=eos, batch_size=3, **{**kw, "seed": 5}) != runs[0]
 
 
-def test_shared_prefix_gives_the_tokens_of_the_whole_prompts(tiny):
-    model, tok = tiny
+def test_shared_prefix_gives_the_tokens_of_the_whole_prompts(tiny_lm):
+    model, tok = tiny_lm
     shots = "".join(f"Question: {q}\nAnswer: 42\n\n" for q in QUESTIONS[:3])
     whole = [tok.encode(shots + f"Question: {q}\nAnswer:") for q in QUESTIONS[3:9]]
     prefix, rest = split_common_prefix(whole)
@@ -107,8 +101,8 @@ def test_split_common_prefix():
     assert split_common_prefix([]) == ([], [])
 
 
-def test_edge_cases(tiny, prompts):
-    model, _ = tiny
+def test_edge_cases(tiny_lm, prompts):
+    model, _ = tiny_lm
     assert generate_from_ids(model, [], 5, eos_id=None) == []
     assert generate_from_ids(model, prompts[:2], 0, eos_id=None, return_finished=True) == ([[], []], [False, False])
     with pytest.raises(ValueError, match="empty prompt"):
@@ -117,12 +111,12 @@ def test_edge_cases(tiny, prompts):
         generate_from_ids(model, prompts[:2], 5, eos_id=None, seeds=[1])
 
 
-def test_gsm8k_scores_the_same_with_the_shared_prefix(tiny, monkeypatch):
+def test_gsm8k_scores_the_same_with_the_shared_prefix(tiny_lm, monkeypatch):
     """eval.py's k-shot GSM8K prefills the shots once (split at the token level): same records as
     the whole prompts decoded row by row."""
     import data
     import tasks
-    model, tok = tiny
+    model, tok = tiny_lm
     items, shots = data.load_examples("gsm8k", "test", limit=3), data.load_examples("gsm8k", "train", limit=2)
     seen = []
     real = tasks.generate_from_ids

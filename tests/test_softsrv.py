@@ -8,7 +8,6 @@ import torch.nn.functional as F
 
 import data
 from conftest import QUESTIONS
-from weights import load_model, load_tokenizer
 from sampling import draw, filter_logits, sample
 from softsrv import ContextEncoder, build_soft_prompt, load_checkpoint, pad_targets, softsrv_loss
 
@@ -16,13 +15,8 @@ TEXTS = QUESTIONS
 
 
 @pytest.fixture(scope="module")
-def backbone(tiny_backbone):
-    return load_model(tiny_backbone), load_tokenizer(tiny_backbone)
-
-
-@pytest.fixture(scope="module")
-def z(backbone):
-    model, tok = backbone
+def z(tiny_lm):
+    model, tok = tiny_lm
     return ContextEncoder(model, tok)(TEXTS)
 
 
@@ -39,16 +33,16 @@ def fit(model, prompt, z, targets, opt, steps) -> list[float]:
 
 
 @pytest.mark.parametrize("kind", ["np", "mp", "mc"])
-def test_shapes(kind, backbone, z):
-    model, _ = backbone
+def test_shapes(kind, tiny_lm, z):
+    model, _ = tiny_lm
     prompt = build_soft_prompt(kind, model, z.shape[1], t=5, k=3)
     prompt.init_from_contexts(z)
     assert prompt(z[:4]).shape == (4, 5, model.cfg.d_model)
 
 
-def test_context_encoder_masks_padding(backbone):
+def test_context_encoder_masks_padding(tiny_lm):
     """z of a text must not depend on the other (longer) texts in its batch."""
-    model, tok = backbone
+    model, tok = tiny_lm
     enc = ContextEncoder(model, tok, batch_size=4)
     alone = enc([TEXTS[0]])
     batched = enc([TEXTS[0], TEXTS[1] * 3, TEXTS[2]])
@@ -57,8 +51,8 @@ def test_context_encoder_masks_padding(backbone):
     assert torch.allclose(alone[0], model.hidden_states(model.embed(ids))[0].mean(0), atol=1e-5)
 
 
-def test_contexts_change_contextual_prompts_only(backbone, z):
-    model, _ = backbone
+def test_contexts_change_contextual_prompts_only(tiny_lm, z):
+    model, _ = tiny_lm
     for kind, contextual in [("np", False), ("mp", True), ("mc", True)]:
         prompt = build_soft_prompt(kind, model, z.shape[1], t=4)
         prompt.init_from_contexts(z)
@@ -70,8 +64,8 @@ def test_contexts_change_contextual_prompts_only(backbone, z):
 
 
 @pytest.mark.parametrize("kind", ["np", "mp", "mc"])
-def test_gradients_reach_theta_and_nothing_else(kind, backbone, z):
-    model, tok = backbone
+def test_gradients_reach_theta_and_nothing_else(kind, tiny_lm, z):
+    model, tok = tiny_lm
     prompt = build_soft_prompt(kind, model, z.shape[1], t=4)
     prompt.init_from_contexts(z)
     targets = pad_targets([tok.encode(t) for t in TEXTS[:3]], tok.eos_id, 64, "cpu")
@@ -87,8 +81,8 @@ def test_gradients_reach_theta_and_nothing_else(kind, backbone, z):
     assert all(b.grad is None for b in prompt.buffers())
 
 
-def test_loss_is_cross_entropy_of_x_and_eos_after_the_prompt(backbone):
-    model, tok = backbone
+def test_loss_is_cross_entropy_of_x_and_eos_after_the_prompt(tiny_lm):
+    model, tok = tiny_lm
     P = torch.randn(2, 3, model.cfg.d_model)
     ids = [tok.encode(TEXTS[0]), tok.encode(TEXTS[1])[:5]]
     got = softsrv_loss(model, P, pad_targets(ids, tok.eos_id, 64, "cpu"))
@@ -101,10 +95,10 @@ def test_loss_is_cross_entropy_of_x_and_eos_after_the_prompt(backbone):
     assert torch.allclose(got, total / count, atol=1e-5)
 
 
-def test_mp_routing_starts_as_soft_kmeans(backbone, z):
+def test_mp_routing_starts_as_soft_kmeans(tiny_lm, z):
     """W_φ starts as the k-means clustering of the standardized contexts, soft but decisive."""
     from sklearn.cluster import KMeans
-    model, _ = backbone
+    model, _ = tiny_lm
     prompt = build_soft_prompt("mp", model, z.shape[1], t=4, k=3)
     prompt.init_from_contexts(z, seed=0)
     w = torch.softmax(prompt.W_phi(prompt.standardize(z)), dim=-1)
@@ -114,11 +108,11 @@ def test_mp_routing_starts_as_soft_kmeans(backbone, z):
     assert torch.allclose((top2[:, 0] - top2[:, 1]).median(), torch.tensor(2.0), atol=1e-3)
 
 
-def test_mp_starts_as_np_and_bases_specialize(backbone, z):
+def test_mp_starts_as_np_and_bases_specialize(tiny_lm, z):
     """MPk starts as NP's prompt for every z; routed from step 0, its k bases then get different
     gradients and move apart (with a uniform mix they would get identical Adam updates and MPk
     would stay NP)."""
-    model, tok = backbone
+    model, tok = tiny_lm
     np_prompt = build_soft_prompt("np", model, z.shape[1], t=4, seed=3)
     prompt = build_soft_prompt("mp", model, z.shape[1], t=4, k=2, seed=3)
     prompt.init_from_contexts(z)
@@ -133,9 +127,9 @@ def test_mp_starts_as_np_and_bases_specialize(backbone, z):
 
 
 @pytest.mark.parametrize("kind", ["np", "mp", "mc"])
-def test_only_mp_deviations_are_decayed(kind, backbone, z):
+def test_only_mp_deviations_are_decayed(kind, tiny_lm, z):
     """--mp-decay reaches SS_MP's deviations D and nothing else (NP and MC train with plain Adam)."""
-    model, _ = backbone
+    model, _ = tiny_lm
     prompt = build_soft_prompt(kind, model, z.shape[1], t=4)
     groups = prompt.param_groups(3.0)
     in_groups = [p for g in groups for p in g["params"]]
@@ -145,9 +139,9 @@ def test_only_mp_deviations_are_decayed(kind, backbone, z):
     assert [id(p) for p in decayed] == ([id(prompt.D)] if kind == "mp" else [])
 
 
-def test_mp_decay_pulls_the_bases_together(backbone, z):
+def test_mp_decay_pulls_the_bases_together(tiny_lm, z):
     """Same init, same batches: with the decay the k bases end closer together, yet still apart."""
-    model, tok = backbone
+    model, tok = tiny_lm
     targets = pad_targets([tok.encode(t) for t in TEXTS], tok.eos_id, 64, "cpu")
     spread = {}
     for decay in (0.0, 10.0):
@@ -159,16 +153,16 @@ def test_mp_decay_pulls_the_bases_together(backbone, z):
     assert 0 < spread[10.0] < 0.8 * spread[0.0], spread
 
 
-def test_mp_needs_k_examples(backbone, z):
-    model, _ = backbone
+def test_mp_needs_k_examples(tiny_lm, z):
+    model, _ = tiny_lm
     prompt = build_soft_prompt("mp", model, z.shape[1], t=4, k=3)
     with pytest.raises(ValueError, match="--k 3"):
         prompt.init_from_contexts(z[:2])
 
 
 @pytest.mark.parametrize("kind", ["np", "mp", "mc"])
-def test_loss_falls_on_a_tiny_dataset(kind, backbone, z):
-    model, tok = backbone
+def test_loss_falls_on_a_tiny_dataset(kind, tiny_lm, z):
+    model, tok = tiny_lm
     torch.manual_seed(0)
     prompt = build_soft_prompt(kind, model, z.shape[1], t=4)
     prompt.init_from_contexts(z)
@@ -191,24 +185,24 @@ def uncached_sample(model, prefix, n, temperature, generator):
     return torch.stack(out, 1).tolist()
 
 
-def test_cached_sampling_equals_uncached(backbone):
-    model, _ = backbone
+def test_cached_sampling_equals_uncached(tiny_lm):
+    model, _ = tiny_lm
     P = torch.randn(3, 4, model.cfg.d_model) * 0.05
     cached = sample(model, P, 12, temperature=0.8, generator=torch.Generator().manual_seed(5))
     uncached = uncached_sample(model, P, 12, 0.8, torch.Generator().manual_seed(5))
     assert cached == uncached
 
 
-def test_sampling_is_deterministic_with_a_seed(backbone):
-    model, _ = backbone
+def test_sampling_is_deterministic_with_a_seed(tiny_lm):
+    model, _ = tiny_lm
     P = torch.randn(4, 4, model.cfg.d_model) * 0.05
     run = lambda s: sample(model, P, 10, generator=torch.Generator().manual_seed(s))
     assert run(1) == run(1)
     assert run(1) != run(2)
 
 
-def test_top_k_one_and_tiny_top_p_are_greedy(backbone):
-    model, _ = backbone
+def test_top_k_one_and_tiny_top_p_are_greedy(tiny_lm):
+    model, _ = tiny_lm
     P = torch.randn(2, 4, model.cfg.d_model) * 0.05
     greedy = sample(model, P, 8, temperature=0)
     assert sample(model, P, 8, top_k=1, generator=torch.Generator().manual_seed(0)) == greedy
@@ -252,8 +246,8 @@ def test_draw_follows_the_distribution_and_skips_impossible_tokens():
     assert draw(torch.tensor([[0.0, 0.0, 3.0], [2.0, 0.0, 0.0]])).tolist() == [2, 0]
 
 
-def test_each_row_stops_at_its_own_eos(backbone):
-    model, _ = backbone
+def test_each_row_stops_at_its_own_eos(tiny_lm):
+    model, _ = tiny_lm
     P = torch.randn(2, 4, model.cfg.d_model) * 0.05
     free = sample(model, P, 10, temperature=0)
     # make the 4th greedy token of row 0 the "EOS": row 0 must stop there, row 1 where it first meets it
@@ -397,9 +391,9 @@ def test_mp_decay_follows_the_preset_and_is_checked(capsys):
     assert "argument --mp-decay: must be at least 0" in capsys.readouterr().err
 
 
-def test_checkpoint_of_another_layout_is_a_one_line_error(backbone, z, tmp_path):
+def test_checkpoint_of_another_layout_is_a_one_line_error(tiny_lm, z, tmp_path):
     from softsrv import save_checkpoint
-    model, _ = backbone
+    model, _ = tiny_lm
     prompt = build_soft_prompt("np", model, z.shape[1], t=4)
     save_checkpoint(tmp_path, prompt, {"config": {}, "method": "SS_NP", "data_fingerprint": ""}, step=1)
     rec = json.loads((tmp_path / "config.json").read_text())
