@@ -27,11 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+from safetensors.numpy import load_file, save_file
 
 import data
 import options
 from runtime import DTYPES, dtype_of, keep_freed_memory
-from weights import DEFAULT_MODEL, load_model, load_tokenizer
+from softsrv import ContextEncoder
+from weights import CACHE_DIR, DEFAULT_MODEL, load_model, load_tokenizer
 
 PLOT_REQUIREMENT = "matplotlib==3.11.2"          # requirements-plot.txt: the optional extra for --plot
 
@@ -142,7 +145,6 @@ def compute_mauve(p_features, q_features, num_buckets="auto", pca_explained_var:
 # Step 1: texts -> features, with SoftSRV's context encoder E and its cache
 
 def _device() -> str:
-    import torch
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -150,7 +152,6 @@ def _device() -> str:
 def _encoder(model: str, dtype: str, max_tokens: int, batch_size: int):
     """E for `model`, loaded once per process (featurizing p and q shares it), and only when a text
     is not in the feature cache."""
-    from softsrv import ContextEncoder
     device = _device()
     lm = load_model(model, dtype=dtype_of(dtype, device), device=device)
     return ContextEncoder(lm, load_tokenizer(model), max_tokens=max_tokens, batch_size=batch_size)
@@ -163,13 +164,11 @@ def _text_key(text: str) -> bytes:
 def feature_dir(model: str, dtype: str, max_tokens: int) -> Path:
     """Where E(x) features of (model, resolved dtype, max_tokens) are cached, text by text: shards of
     (text hash, feature) rows under the context cache (SOFTSRV_CACHE/features)."""
-    import softsrv
     key = hashlib.sha256(f"{model}|{dtype}|{max_tokens}".encode()).hexdigest()[:20]
-    return softsrv.CACHE_DIR / "features" / key
+    return CACHE_DIR / "features" / key
 
 
 def _cached_features(folder: Path) -> dict[bytes, np.ndarray]:
-    from safetensors.numpy import load_file
     known: dict[bytes, np.ndarray] = {}
     for shard in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
         try:
@@ -189,12 +188,10 @@ def featurize(texts: list[str], model: str = DEFAULT_MODEL, dtype: str = "auto",
     set (the train fold, the test questions), is read back, and only new texts load and run the
     encoder. A text's feature is the one of the batch it was first encoded in (batches differ in
     the last bits, as in any batched forward)."""
-    from safetensors.numpy import save_file
     if len(texts) == 0:
         raise ValueError("featurize: no texts")
     if dtype not in DTYPES:
         raise ValueError(f"featurize: dtype must be one of {DTYPES}, got {dtype!r}")
-    import torch
     resolved = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype_of(dtype, _device())]
     folder = feature_dir(str(model), resolved, max_tokens)
     known = _cached_features(folder)

@@ -35,6 +35,7 @@ import json
 import math
 import re
 import shlex
+import string
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, fields
@@ -46,7 +47,10 @@ from tqdm import tqdm
 
 import answers
 import data
+import mauve
 import options
+import softsrv
+import student
 import tasks
 from dist import append_in_rounds, cli_errors, init_distributed, rank0_first
 from runtime import DTYPES, dtype_of, keep_freed_memory
@@ -387,7 +391,6 @@ def test_side(cfg: PipelineConfig) -> list[data.Example]:
 def load_pt_template(path: str) -> dict:
     """--pt-template: a JSON object with "question" (containing {q}) and optionally "answer",
     "critique" (each with {q}) and "refine" (with {q} and {c}); literal braces are written {{ }}."""
-    import string
     try:
         obj = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -463,29 +466,25 @@ def target_lines(cfg: PipelineConfig) -> list[str]:
 # ----------------------------------------------------------------------------------------------
 # The steps
 
-def train_cfg(cfg: PipelineConfig, out: Path, n_train: int | None = None):
-    """The train.py config of Step 1: train.py's own preset ('paper' for the paper preset, else
-    'cpu'), the task's train questions (a user's file: its held-in records, written to TARGET_TRAIN),
-    with this run's overrides."""
-    import train
+def train_cfg(cfg: PipelineConfig, out: Path, n_train: int | None = None) -> softsrv.TrainConfig:
+    """The TrainConfig of Step 1: train.py's own preset ('paper' for the paper preset, else 'cpu'),
+    the task's train questions (a user's file: its held-in records, written to TARGET_TRAIN), with
+    this run's overrides."""
     if cfg.target == "full":
-        target = ["--data", str((out / FULL_EXAMPLES).resolve()), "--field", "text", "--max-tokens", str(FULL_TOKENS)]
+        target = dict(data=str((out / FULL_EXAMPLES).resolve()), field="text", max_tokens=FULL_TOKENS)
     elif cfg.task == CUSTOM:
-        target = ["--data", str((out / TARGET_TRAIN).resolve()), "--field", "text"]
+        target = dict(data=str((out / TARGET_TRAIN).resolve()), field="text")
     else:
-        target = ["--data", cfg.task] + (["--max-tokens", str(TARGET_TOKENS[cfg.task])] if cfg.task in TARGET_TOKENS else [])
+        target = dict(data=cfg.task, max_tokens=TARGET_TOKENS.get(cfg.task))
     if cfg.task == CUSTOM and n_train is None:
         n_train = len(_train_fold(cfg))
-    argv = ["--param", cfg.method, "--preset", "paper" if cfg.preset == "paper" else "cpu", *target,
-            "--model", cfg.generator, "--out", str(out / "softsrv"), "--seed", str(cfg.seed),
-            "--n-heldout", str(softsrv_heldout(cfg, n_train or 0)), "--dtype", cfg.dtype]
-    if cfg.train_steps:
-        argv += ["--steps", str(cfg.train_steps), "--eval-every", str(max(1, cfg.train_steps // 2))]
-    if cfg.prompt_len:
-        argv += ["--prompt-len", str(cfg.prompt_len)]
     if cfg.preset == "tiny":
-        argv += ["--batch-size", "4", "--max-tokens", "48"]
-    return train.parse_args(argv)[0]
+        target.update(batch_size=4, max_tokens=48)
+    return softsrv.train_config(
+        cfg.method, "paper" if cfg.preset == "paper" else "cpu", **target, model=cfg.generator,
+        out=str(out / "softsrv"), seed=cfg.seed, n_heldout=softsrv_heldout(cfg, n_train or 0), dtype=cfg.dtype,
+        steps=cfg.train_steps, eval_every=max(1, cfg.train_steps // 2) if cfg.train_steps else None,
+        prompt_len=cfg.prompt_len)
 
 
 # --target full: SoftSRV learns whole examples (question and reference answer in answers.EXAMPLE's
@@ -522,8 +521,6 @@ def write_target_train(run: Run) -> Path:
 
 
 def step_train(run: Run):
-    import train
-    from softsrv import CKPT_CONFIG
     cfg = run.cfg
     if cfg.target == "full":
         write_full_examples(run)
@@ -532,8 +529,8 @@ def step_train(run: Run):
     tcfg = train_cfg(cfg, run.out)
     what = "train questions" if cfg.target == "question" else "whole train examples (question + answer)"
     t0 = run.start("train", f"SS_{cfg.method.upper()} on {cfg.task} {what}, {tcfg.steps} steps -> {tcfg.out}")
-    resume = (Path(tcfg.out) / CKPT_CONFIG).exists()
-    result = train.train(tcfg, resume=resume, show_samples=0)
+    resume = (Path(tcfg.out) / softsrv.CKPT_CONFIG).exists()
+    result = softsrv.train(tcfg, resume=resume, show_samples=0)
     hist = result["history"]
     run.finish("train", {"steps": tcfg.steps, "heldout_loss_start": hist[0]["heldout_loss"] if hist else None,
                          "heldout_loss_end": hist[-1]["heldout_loss"] if hist else None}, t0)
@@ -635,9 +632,8 @@ def step_generate(run: Run):
                 for e in train_ex]
         counts["generated"] = len(recs)
     elif cfg.method in SOFTSRV:
-        import generate
         t0 = run.start("generate", f"{cfg.n_generate} SoftSRV samples (temperature {cfg.temperature}, top-p {cfg.top_p})")
-        path = generate.generate(str(run.out / "softsrv"), cfg.n_generate, out=str(run.out / "generated.jsonl"),
+        path = softsrv.generate(str(run.out / "softsrv"), cfg.n_generate, out=str(run.out / "generated.jsonl"),
                                  temperature=cfg.temperature, top_p=cfg.top_p, batch_size=cfg.batch_size,
                                  max_new_tokens=cfg.question_tokens, seed=cfg.seed, dtype=cfg.dtype)
         rows = data.read_jsonl(path)
@@ -774,25 +770,19 @@ def step_decontam(run: Run):
     run.finish("decontam", {"pairs": len(recs), "dropped": len(dropped), "kept": len(kept)}, t0)
 
 
-def ft_cfg(run: Run):
-    import finetune
+def ft_cfg(run: Run) -> student.FinetuneConfig:
+    """The FinetuneConfig of Step 5: finetune.py's preset with this run's overrides."""
     cfg = run.cfg
-    argv = ["--data", str(run.out / "data.jsonl"), "--out", str(run.out / "finetune"), "--model", cfg.student,
-            "--preset", cfg.ft_preset, "--epochs", str(cfg.ft_epochs), "--seed", str(cfg.seed), "--dtype", cfg.dtype]
-    if cfg.ft_lr:
-        argv += ["--lr", str(cfg.ft_lr)]
-    if cfg.ft_steps:
-        argv += ["--steps", str(cfg.ft_steps)]
-    if cfg.ft_checkpoints:
-        argv += ["--n-checkpoints", str(cfg.ft_checkpoints)]
-    return finetune.parse_args(argv)
+    return student.finetune_config(
+        cfg.ft_preset, data=str(run.out / "data.jsonl"), out=str(run.out / "finetune"), model=cfg.student,
+        epochs=cfg.ft_epochs, seed=cfg.seed, dtype=cfg.dtype, lr=cfg.ft_lr, fixed_steps=cfg.ft_steps or 0,
+        n_checkpoints=cfg.ft_checkpoints)
 
 
 def step_finetune(run: Run):
-    import finetune
     fcfg = ft_cfg(run)
     t0 = run.start("finetune", f"{run.cfg.student} on {run.out / 'data.jsonl'} -> {fcfg.out}")
-    ckpts = finetune.finetune(fcfg)
+    ckpts = student.finetune(fcfg)
     run.finish("finetune", {"checkpoints": [s for s, _ in ckpts], "steps": fcfg.steps}, t0)
 
 
@@ -848,7 +838,6 @@ def evaluate_custom(run: Run, model: str, out: Path) -> dict:
 def step_mauve(run: Run) -> dict:
     """MAUVE of the final synthetic questions against the evaluated test questions (Table 4) and
     against the train fold (Table 5); features from E (the generator's model)."""
-    import mauve
     cfg = run.cfg
     path = run.out / "mauve.json"
     if path.exists():
@@ -869,8 +858,7 @@ def step_mauve(run: Run) -> dict:
 
 
 def ft_checkpoints(run: Run) -> list[tuple[int, Path]]:
-    import finetune
-    return finetune.completed_checkpoints(run.out / "finetune")
+    return student.completed_checkpoints(run.out / "finetune")
 
 
 # ----------------------------------------------------------------------------------------------

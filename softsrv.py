@@ -15,19 +15,26 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.distributed
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from data import atomic_write, load_examples, read_json, split_heldout
+from data import atomic_write, fingerprint, load_examples, lock, read_json, read_jsonl, split_heldout
+from dist import all_sum, append_in_rounds, init_distributed, rank0_first
 from model import Transformer
-from weights import CACHE_DIR, DEFAULT_MODEL
+from runtime import dtype_of
+from sampling import sample
+from weights import CACHE_DIR, DEFAULT_MODEL, load_model, load_tokenizer
 
 
 # ----------------------------------------------------------------------------------------------
@@ -480,6 +487,19 @@ class TrainConfig:
     preset: str = "cpu"
 
 
+def train_config(param: str = "mc", preset: str = "cpu", **given) -> TrainConfig:
+    """A TrainConfig from a preset (PRESETS) and the settings given explicitly; a setting given as None
+    takes the preset's value, and the lr the preset's for this parameterization."""
+    values = {k: v for k, v in given.items() if v is not None}
+    base = {**PRESETS[preset], "lr": PRESETS[preset]["lr"][param]}
+    cfg = TrainConfig(param=param, preset=preset, **{**base, **values})
+    if "embed_model" not in values:
+        cfg.embed_model = cfg.model                 # E is H unless said otherwise
+    if param != "mp":
+        cfg.mp_decay = 0.0      # nothing of NP's or MC's θ is decayed; recorded as such
+    return cfg
+
+
 def load_training_data(cfg: TrainConfig):
     """The target sample, cut into (train, held-out) exactly as every run with this config cuts it."""
     examples = load_examples(cfg.data, split=cfg.split, field=cfg.field)
@@ -487,3 +507,241 @@ def load_training_data(cfg: TrainConfig):
         raise ValueError(f"--data {cfg.data}: {len(examples)} examples, fewer than --n-heldout "
                          f"{cfg.n_heldout} + --batch-size {cfg.batch_size}")
     return split_heldout(examples, cfg.n_heldout, seed=cfg.seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training P_θ (Sec. 3.3, step 1): z_i = E(x_i) computed once and cached; each step draws a batch,
+# builds P_θ(z_i) and minimizes the cross-entropy of x_i given it as the only prefix of the frozen H.
+
+def make_optimizer(prompt, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW (= Adam where the decay is 0: everything but SS_MP's deviations D)."""
+    return torch.optim.AdamW(prompt.param_groups(cfg.mp_decay), lr=cfg.lr)
+
+
+def batch_indices(cfg: TrainConfig, step: int, lengths: list[int]) -> list[int]:
+    """Step -> example indices. Each epoch is a random permutation cut into pools of 32 batches;
+    a pool is sorted by length before it is cut into batches (so a batch pads little: about a
+    third less compute on GSM8K), and the batches are shuffled. Everything is drawn from
+    (seed, epoch) alone, so a resumed run sees exactly the batches an uninterrupted one would."""
+    B, n = cfg.batch_size, len(lengths)
+    epoch, i = divmod(step, n // B)                     # the last n mod B examples wait a turn
+    g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+    perm = torch.randperm(n, generator=g).tolist()[: n // B * B]
+    batches = []
+    for s in range(0, len(perm), 32 * B):
+        pool = sorted(perm[s:s + 32 * B], key=lambda j: lengths[j])
+        batches += [pool[k:k + B] for k in range(0, len(pool), B)]
+    return batches[torch.randperm(len(batches), generator=g)[i]]
+
+
+@torch.no_grad()
+def heldout_loss(backbone, tok, prompt, z, token_lists, cfg: TrainConfig, n_bytes: int,
+                 rank: int = 0, world: int = 1) -> tuple[float, float]:
+    """Reconstruction loss on held-out examples: per token (Σ ℓ / Σ tokens, batched by length) and
+    in bits per byte, Σ ℓ / (ln 2 · n_bytes), which compares backbones with different tokenizers.
+    n_bytes counts the UTF-8 bytes of the scored text (each example cut at max_tokens); the EOS
+    is scored but adds no byte; a BOS before the prompt is context, never scored. Under torchrun each
+    rank takes every world-th batch."""
+    order = sorted(range(len(token_lists)), key=lambda i: len(token_lists[i]))
+    total, count = 0.0, 0
+    for j, s in enumerate(range(0, len(order), 2 * cfg.batch_size)):
+        if j % world != rank:
+            continue
+        rows = order[s:s + 2 * cfg.batch_size]
+        targets = pad_targets([token_lists[i] for i in rows], tok.eos_id, cfg.max_tokens, backbone.device)
+        prefix = prepend_bos(backbone, tok, prompt(z[rows].to(backbone.device)))
+        loss, n = softsrv_loss(backbone, prefix, targets, "sum")
+        total, count = total + loss.item(), count + n.item()
+    total, count = all_sum(world, total, count)
+    return total / count, total / (math.log(2) * n_bytes)
+
+
+def train(cfg: TrainConfig, resume: bool = False, show_samples: int = 3) -> dict:
+    """Minimize Eq. 1's reconstruction loss over θ (H and E frozen), evaluating the held-out loss every
+    eval_every steps and saving a checkpoint there; resume=True continues the run in cfg.out."""
+    # Refuse a wrong --out / --resume before paying for the model and the contexts.
+    has_ckpt = (Path(cfg.out) / CKPT_CONFIG).exists()
+    if resume and not has_ckpt:
+        raise ValueError(f"--resume: {cfg.out} holds no checkpoint to continue")
+    if not resume and has_ckpt:
+        raise ValueError(f"--out {cfg.out} already holds a checkpoint; continue it with --resume, "
+                         f"or choose another --out")
+    rank, world, device = init_distributed()
+    if cfg.batch_size < world:
+        raise ValueError(f"--batch-size {cfg.batch_size}: smaller than the {world} processes it is split across")
+    log = print if rank == 0 else (lambda *a, **k: None)
+    torch.manual_seed(cfg.seed)
+    train_ex, held_ex = load_training_data(cfg)
+    all_ex = train_ex + held_ex
+    with rank0_first(rank, world):               # a first run converts the model and embeds the data once
+        backbone = load_model(cfg.model, dtype=dtype_of(cfg.dtype, device), device=device)
+        tok = load_tokenizer(cfg.model)
+        if cfg.embed_model == cfg.model:
+            enc_model, enc_tok = backbone, tok          # one copy of the weights serves as H and E
+        else:
+            enc_model = load_model(cfg.embed_model, dtype=dtype_of(cfg.dtype, device), device=device)
+            enc_tok = load_tokenizer(cfg.embed_model)
+        encoder = ContextEncoder(enc_model, enc_tok)
+        z = context_vectors(encoder, cfg.embed_model, [e.text for e in all_ex], fingerprint(all_ex))
+    z_train, z_held = z[: len(train_ex)], z[len(train_ex):]
+    ids_train = [tok.encode(e.text) for e in train_ex]
+    ids_held = [tok.encode(e.text) for e in held_ex]
+    lengths = [min(len(ids), cfg.max_tokens) for ids in ids_train]
+    bytes_held = sum(len(tok.decode(ids[:cfg.max_tokens]).encode("utf-8")) for ids in ids_held)
+
+    record = {"config": asdict(cfg), "backbone": cfg.model, "encoder": cfg.embed_model,
+              "data_fingerprint": fingerprint(train_ex), "n_train": len(train_ex),
+              "n_heldout": len(held_ex), "method": f"SS_{cfg.param.upper()}" + (str(cfg.k) if cfg.param == "mp" else "")}
+    start, history = 0, []
+    if resume:
+        prompt, saved = load_checkpoint(cfg.out)
+        # Only the length of the run, how often it reports and where it lives may change when
+        # resuming. An option newer than the checkpoint counts as its default (what it trained with).
+        defaults = asdict(TrainConfig())
+        diff = [k for k in record["config"] if k not in ("steps", "eval_every", "out")
+                and saved["config"].get(k, defaults[k]) != record["config"][k]]
+        if diff or saved["data_fingerprint"] != record["data_fingerprint"]:
+            raise ValueError(f"--resume {cfg.out}: the checkpoint was trained with different settings "
+                             f"({', '.join(diff) or 'data'}); rerun with the same options")
+        prompt.to(device)
+        opt = make_optimizer(prompt, cfg)
+        load_optimizer_state(cfg.out, opt, saved)
+        start, history = saved["step"], saved.get("history", [])
+        log(f"resuming {cfg.out} at step {start}/{cfg.steps}")
+    else:
+        prompt = build_soft_prompt(cfg.param, backbone, encoder.dim, cfg.prompt_len, k=cfg.k, hidden=cfg.hidden,
+                                   seed=cfg.seed).to(device)
+        prompt.init_from_contexts(z_train.to(device), seed=cfg.seed)
+        opt = make_optimizer(prompt, cfg)
+    # DDP averages θ's gradients over the ranks; the backbone is no part of it (frozen, one per rank).
+    ddp = DistributedDataParallel(prompt, broadcast_buffers=False) if world > 1 else prompt
+    n_params = sum(p.numel() for p in prompt.parameters())
+    log(f"{record['method']}: t={cfg.prompt_len}, {n_params:,} trainable parameters; backbone {cfg.model} "
+          f"({sum(p.numel() for p in backbone.parameters()):,} frozen); {len(train_ex)} train / "
+          f"{len(held_ex)} held-out examples of {cfg.data}" + (f"; {world} processes" if world > 1 else ""))
+
+    def evaluate(step):
+        loss, bpb = heldout_loss(backbone, tok, prompt, z_held, ids_held, cfg, bytes_held, rank, world)
+        history.append({"step": step, "heldout_loss": round(loss, 5), "heldout_bpb": round(bpb, 5)})
+        if rank == 0:
+            tqdm.write(f"step {step}: held-out loss per token {loss:.4f}, bits per byte {bpb:.4f}")
+        return loss
+
+    if start == 0:
+        evaluate(0)
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=record["method"], dynamic_ncols=True,
+               disable=rank != 0)
+    t0, seen = time.time(), 0
+    for step in bar:
+        idx = batch_indices(cfg, step, lengths)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(cfg, step)
+        # Each rank takes every world-th example of the global batch. Its summed loss over the
+        # global token count, times world (DDP averages), gives exactly the one-process gradient.
+        idx = idx[rank::world]
+        targets = pad_targets([ids_train[i] for i in idx], tok.eos_id, cfg.max_tokens, device)
+        prefix = prepend_bos(backbone, tok, ddp(z_train[idx].to(device)))        # [BOS; P_θ(z)] on Gemma
+        loss_sum, n = softsrv_loss(backbone, prefix, targets, "sum")
+        loss = loss_sum / n if world == 1 else loss_sum * (world / all_sum(world, n.item())[0])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        seen += (targets.numel() + len(idx) * cfg.prompt_len) * world
+        if rank == 0:
+            bar.set_postfix(loss=f"{loss_sum.item() / n.item():.3f}", lr=f"{lr_at(cfg, step):.1e}",
+                            tok_s=f"{seen / (time.time() - t0):.0f}")
+        done = step + 1
+        if done % cfg.eval_every == 0 or done == cfg.steps:
+            if history[-1]["step"] != done:
+                evaluate(done)
+            if rank == 0:
+                save_checkpoint(cfg.out, prompt, {**record, "history": history}, done, opt)
+    bar.close()
+    if start >= cfg.steps:
+        log(f"{cfg.out} is already trained to step {start}")
+    if world > 1:
+        torch.distributed.barrier()                           # the last checkpoint is complete before any rank returns
+    if rank != 0:
+        return {"history": history, "prompt": prompt}
+
+    if show_samples:
+        g = torch.Generator(device=device).manual_seed(cfg.seed)
+        prefix = prepend_bos(backbone, tok, prompt(z_held[:show_samples].to(device)))
+        texts = sample(backbone, prefix, max_new_tokens=cfg.max_tokens, temperature=1.0, eos_id=tok.eos_id,
+                       generator=g)
+        for i, ids in enumerate(texts):
+            print(f"\n--- context (held-out, real): {held_ex[i].text}\n--- generated: {tok.decode(ids).strip()}")
+    print(f"\ncheckpoint: {cfg.out}  (generate with: python generate.py --ckpt {cfg.out})")
+    return {"history": history, "prompt": prompt}
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling synthetic examples (Sec. 3.3, step 2): x' ~ H(P_θ(E(x_i))), round-robin over the train fold
+
+def generate(ckpt: str, n: int, out: str | None = None, temperature: float = 1.0, top_p: float = 1.0,
+             top_k: int = 0, batch_size: int = 16, max_new_tokens: int | None = None, seed: int = 0,
+             dtype: str | None = None) -> Path:
+    """n samples x' ~ H(P_θ(z)) from a checkpoint into a JSONL (generate.py's docstring: the contexts,
+    the records, resuming and torchrun)."""
+    prompt, record = load_checkpoint(ckpt)
+    cfg = TrainConfig(**record["config"])
+    out_path = Path(out) if out else Path(ckpt) / "samples.jsonl"
+    max_new_tokens = cfg.max_tokens if max_new_tokens is None else max_new_tokens
+    rank, world, device = init_distributed()
+    # The file belongs to one process (rank 0 of one torchrun job) at a time: two appending at once
+    # would write every sample twice. Rank 0's refusal reaches the other ranks as the same line.
+    with rank0_first(rank, world):
+        held = lock(out_path.parent / f".{out_path.name}.lock", str(out_path)) if rank == 0 else nullcontext()
+    with held:
+        # Which weights and settings wrote each sample: an existing file is continued only by the same
+        # θ (its hash, so a retrained or other checkpoint at the same path is caught) and settings.
+        settings = {"checkpoint": str(Path(ckpt).resolve()), "theta": theta_hash(ckpt), "step": record["step"],
+                    "temperature": temperature, "top_p": top_p, "top_k": top_k, "seed": seed,
+                    "batch_size": batch_size, "max_new_tokens": max_new_tokens}
+        done = set()
+        if out_path.exists():
+            for r in read_jsonl(out_path, repair=True):
+                other = [f"{k}: {r.get(k)!r} -> {v!r}" for k, v in settings.items()
+                         if k != "checkpoint" and r.get(k) != v]
+                if other:
+                    raise ValueError(f"{out_path}: holds samples from another checkpoint or with other settings "
+                                     f"(sample {r.get('index')}, {r.get('checkpoint')}: {'; '.join(other)}); "
+                                     f"choose another --out or delete it")
+                done.add(r["index"])
+        todo = [b for b in range(0, n, batch_size) if any(i not in done for i in range(b, min(n, b + batch_size)))]
+        if not todo:
+            if rank == 0:
+                print(f"{out_path}: all {n} samples already there")
+            return out_path
+
+        train_ex, held_ex = load_training_data(cfg)
+        if fingerprint(train_ex) != record["data_fingerprint"]:
+            raise ValueError(f"--data {cfg.data}: not the data {ckpt} was trained on (fingerprint changed)")
+        with rank0_first(rank, world):     # a first run converts the model and embeds the data once
+            backbone = load_model(cfg.model, dtype=dtype_of(dtype or cfg.dtype, device), device=device)
+            tok = load_tokenizer(cfg.model)
+            enc_model = backbone if cfg.embed_model == cfg.model else load_model(cfg.embed_model, dtype=backbone.dtype, device=device)
+            encoder = ContextEncoder(enc_model, tok if enc_model is backbone else load_tokenizer(cfg.embed_model))
+            all_ex = train_ex + held_ex    # the same list train.py embedded, so the cached z is reused
+            z = context_vectors(encoder, cfg.embed_model, [e.text for e in all_ex], fingerprint(all_ex))[: len(train_ex)]
+        prompt = prompt.to(device).eval()
+
+        def batch_records(b: int) -> list[dict]:
+            idx = list(range(b, min(n, b + batch_size)))
+            ctx = [i % len(train_ex) for i in idx]                        # round-robin over the train fold
+            g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + b // batch_size)
+            with torch.no_grad():
+                prefix = prepend_bos(backbone, tok, prompt(z[ctx].to(device)))   # as train.py trained it
+                rows = sample(backbone, prefix, max_new_tokens, temperature=temperature,
+                              top_k=top_k, top_p=top_p, eos_id=tok.eos_id, generator=g)
+            return [{"text": tok.decode(ids).strip(), "index": i, "context_id": train_ex[c].id,
+                     "context_text": train_ex[c].text,
+                     "method": record["method"], "n_tokens": len(ids), "finished": len(ids) < max_new_tokens,
+                     **settings} for i, c, ids in zip(idx, ctx, rows) if i not in done]
+
+        bar = tqdm(total=n, initial=len(done), desc=f"{record['method']} samples", unit="sample", disable=rank != 0)
+        append_in_rounds(out_path, todo, batch_records, rank, world, on_write=bar.update)
+        bar.close()
+        if rank == 0:
+            print(f"wrote {out_path}")
+        return out_path

@@ -167,7 +167,7 @@ def test_softsrv_loss_and_heldout_loss_read_bos_then_prompt_then_x(backbones):
     """The loss of x given [BOS; P; x] on Gemma ([P; x] otherwise), counted on x and its EOS only,
     through softsrv_loss and through train.py's held-out loss."""
     from softsrv import pad_targets, prepend_bos, softsrv_loss
-    from train import heldout_loss
+    from softsrv import heldout_loss
     for _, (model, tok) in backbones.items():
         g = torch.Generator().manual_seed(0)
         P = torch.randn(3, 2, model.cfg.d_model, generator=g)
@@ -187,8 +187,7 @@ def test_training_and_sampling_on_gemma_put_bos_before_the_soft_prompt(gemma_dir
                                                                         monkeypatch):
     """train.py's training loss, held-out loss and end-of-run samples, and generate.py's samples,
     all feed H the BOS embedding first, then the t soft tokens."""
-    import generate as gen
-    import train as tr
+    import softsrv as tr
     model, tok = backbones["gemma"]
     bos = model.embed(torch.tensor([[tok.bos_id]]))[0, 0]
     prefixes = []
@@ -197,7 +196,6 @@ def test_training_and_sampling_on_gemma_put_bos_before_the_soft_prompt(gemma_dir
         return lambda backbone, prefix, *a, **k: prefixes.append(prefix.detach()) or fn(backbone, prefix, *a, **k)
     monkeypatch.setattr(tr, "softsrv_loss", spy(tr.softsrv_loss))
     monkeypatch.setattr(tr, "sample", spy(tr.sample))
-    monkeypatch.setattr(gen, "sample", spy(gen.sample))
     path = tmp_path / "q.jsonl"
     data.write_jsonl(path, [{"question": q} for q in QUESTIONS])
     cfg = tr.TrainConfig(param="mc", prompt_len=3, hidden=8, steps=2, lr=1e-2, warmup=1, batch_size=4,
@@ -206,7 +204,7 @@ def test_training_and_sampling_on_gemma_put_bos_before_the_soft_prompt(gemma_dir
     tr.train(cfg, show_samples=1)
     n_train = len(prefixes)
     assert n_train == 2 + 2 * 1 + 1           # 2 steps, held-out loss at steps 0 and 2 (1 batch), samples
-    gen.generate(str(tmp_path / "ck"), n=2, out=str(tmp_path / "g.jsonl"), batch_size=2, max_new_tokens=4)
+    tr.generate(str(tmp_path / "ck"), n=2, out=str(tmp_path / "g.jsonl"), batch_size=2, max_new_tokens=4)
     assert len(prefixes) == n_train + 1
     for p in prefixes:
         assert p.shape[1] == 1 + 3 and torch.equal(p[:, 0], bos.expand(len(p), -1).to(p.dtype))

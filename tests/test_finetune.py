@@ -1,4 +1,4 @@
-"""finetune.py: packing keeps examples apart, loss only on answer tokens, checkpoints, resume."""
+"""student.py (finetune.py): packing keeps examples apart, loss only on answer tokens, checkpoints, resume."""
 import json
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import data
-import finetune as ft
+import student as ft
 from tokenizer import qa_answer_ids, qa_prompt_ids
 from weights import load_model, load_tokenizer
 

@@ -303,9 +303,9 @@ def test_train_and_generate_with_a_gemma3_backbone(gemma270m, tmp_path):
     (262K vocabulary, SentencePiece BPE), reporting held-out bits per byte."""
     import shutil
     import data
-    from generate import generate
+    from softsrv import generate
     from weights import GEMMA3_270M, resolve_model_dir
-    from train import TrainConfig, train
+    from softsrv import TrainConfig, train
     from test_softsrv import TEXTS
     hf = gemma3(vocab_size=262144, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                 layer_types=["sliding_attention", "full_attention"], sliding_window=8)

@@ -42,7 +42,8 @@ def _train_argv(backbone, questions, out, *extra) -> list[str]:
 
 @pytest.fixture
 def checkpoint(tiny_backbone, questions, tmp_path) -> Path:
-    from train import parse_args, train
+    from softsrv import train
+    from train import parse_args
     cfg, _ = parse_args(_train_argv(tiny_backbone, questions, tmp_path / "ck"))
     train(cfg, show_samples=0)
     return tmp_path / "ck"
@@ -106,8 +107,9 @@ def test_a_killed_holder_leaves_no_stuck_lock(tmp_path):
 
 
 def test_generate_refuses_to_continue_a_file_from_another_checkpoint(tiny_backbone, questions, checkpoint, tmp_path):
-    from generate import generate
-    from train import parse_args, train
+    from softsrv import generate
+    from softsrv import train
+    from train import parse_args
     other, _ = parse_args(_train_argv(tiny_backbone, questions, tmp_path / "other", "--seed", "1"))
     train(other, show_samples=0)
     out = tmp_path / "samples.jsonl"
@@ -122,7 +124,7 @@ def test_generate_refuses_to_continue_a_file_from_another_checkpoint(tiny_backbo
 
 
 def test_generate_refuses_an_output_file_in_use(checkpoint, tmp_path):
-    from generate import generate
+    from softsrv import generate
     out = tmp_path / "samples.jsonl"
     held = data.lock(tmp_path / ".samples.jsonl.lock", str(out))
     try:
@@ -187,8 +189,8 @@ def test_relative_paths_are_recorded_absolute(tmp_path, monkeypatch):
 # 3. user input is never repaired
 
 def test_malformed_last_line_of_a_user_file_is_an_error(tmp_path):
-    import finetune
     import mauve
+    import student
     path = tmp_path / "user.jsonl"
     path.write_text('{"text": "a", "question": "q1", "answer": "a1"}\n'
                     '{"text": "b", "question": "q2", "answer": "a2"}\n{"text": "c", "quest')
@@ -198,7 +200,7 @@ def test_malformed_last_line_of_a_user_file_is_an_error(tmp_path):
     with pytest.raises(ValueError, match=line3):                  # train.py --data
         data.load_examples(str(path))
     with pytest.raises(ValueError, match=line3):                  # finetune.py --data
-        finetune.load_pairs(str(path))
+        student.load_pairs(str(path))
     with pytest.raises(ValueError, match="--gen: .*" + line3):    # eval.py mauve --gen
         mauve._load_texts(str(path), None, "--gen")
     assert len(data.read_jsonl(path, repair=True)) == 2           # only for the project's own appends

@@ -268,7 +268,7 @@ def tiny_data(tmp_path):
 
 
 def tiny_config(tiny_backbone, tiny_data, out, **kw):
-    from train import TrainConfig
+    from softsrv import TrainConfig
     base = dict(param="mc", prompt_len=4, hidden=16, steps=6, lr=1e-2, warmup=2, batch_size=4, max_tokens=32,
                 data=str(tiny_data), field="question", n_heldout=4, model=str(tiny_backbone),
                 embed_model=str(tiny_backbone), out=str(out), eval_every=3, dtype="fp32")
@@ -277,7 +277,7 @@ def tiny_config(tiny_backbone, tiny_data, out, **kw):
 
 @pytest.mark.parametrize("param", ["np", "mp", "mc"])
 def test_resumed_training_is_bit_identical(param, tiny_backbone, tiny_data, tmp_path, monkeypatch):
-    import train as train_module
+    import softsrv as train_module
     kw = dict(param=param, mp_decay=3.0)          # MP's decayed parameter group must resume too
     train_module.train(tiny_config(tiny_backbone, tiny_data, tmp_path / "a", **kw), show_samples=0)
 
@@ -303,7 +303,7 @@ def test_resumed_training_is_bit_identical(param, tiny_backbone, tiny_data, tmp_
 
 
 def test_resume_refuses_other_settings(tiny_backbone, tiny_data, tmp_path):
-    from train import train
+    from softsrv import train
     train(tiny_config(tiny_backbone, tiny_data, tmp_path / "a", steps=2), show_samples=0)
     with pytest.raises(ValueError, match="different settings.*lr"):
         train(tiny_config(tiny_backbone, tiny_data, tmp_path / "a", steps=4, lr=0.5), resume=True, show_samples=0)
@@ -327,7 +327,7 @@ def test_resume_refuses_other_settings(tiny_backbone, tiny_data, tmp_path):
 def test_training_lowers_heldout_loss_and_writes_a_checkpoint(tiny_backbone, tmp_path):
     """A random backbone cannot generalize to unseen text, so here every held-out text also has a
     twin in the training part: the held-out loss must then fall."""
-    from train import train
+    from softsrv import train
     tiny_data = tmp_path / "twice.jsonl"
     data.write_jsonl(tiny_data, [{"question": t} for t in TEXTS * 2])
     result = train(tiny_config(tiny_backbone, tiny_data, tmp_path / "ck", param="np", steps=12, eval_every=6),
@@ -344,8 +344,8 @@ def test_training_lowers_heldout_loss_and_writes_a_checkpoint(tiny_backbone, tmp
 
 
 def test_generate_writes_jsonl_and_completes_an_interrupted_file(tiny_backbone, tiny_data, tmp_path):
-    from generate import generate
-    from train import train
+    from softsrv import generate
+    from softsrv import train
     train(tiny_config(tiny_backbone, tiny_data, tmp_path / "ck", steps=2), show_samples=0)
     full = generate(str(tmp_path / "ck"), n=11, out=str(tmp_path / "full.jsonl"), batch_size=4, max_new_tokens=8)
     rows = data.read_jsonl(full)

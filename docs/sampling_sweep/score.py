@@ -6,7 +6,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))  # the repo root
 from mauve import _load_texts, compute_mauve, featurize
-from train import TrainConfig, load_training_data
+from softsrv import TrainConfig, load_training_data
 
 S = "/work/main/runs/sweep"
 train_ex, _ = load_training_data(TrainConfig())
