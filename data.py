@@ -68,6 +68,7 @@ however it ends; a second process is refused with one line naming the holder.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import fcntl
@@ -77,8 +78,10 @@ import importlib.util
 import json
 import os
 import random
+import shutil
 import socket
 import sys
+import tempfile
 import uuid
 import zlib
 from collections import Counter
@@ -661,6 +664,29 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
     _fsync_dir(path.parent)
     return path
 
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike):
+    """The folder form of atomic_write: the body fills the yielded temp folder beside path, which
+    then replaces path whole (a previous folder there is moved aside and deleted), so a reader sees
+    the old folder or the new one, never a part. A failure leaves no temp folder behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp"))
+    try:
+        yield tmp
+        tmp.chmod(0o755)                             # mkdtemp's 0700 would hide it from other users
+        if path.exists():
+            old = path.with_name(f".{path.name}.old{os.getpid()}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 def lock(path: str | os.PathLike, target: str):
     """Hold an exclusive lock on `path` (created if missing) while the returned file stays open;

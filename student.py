@@ -14,9 +14,7 @@ running the same config again resumes from the newest complete `step-N`. finetun
 """
 from __future__ import annotations
 
-import os
 import random
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -174,14 +172,11 @@ def save_state(model, opt, cfg: FinetuneConfig, step: int, record: dict) -> Path
     """<out>/step-N: HF weights (fp32), the AdamW state, then the JSON; the folder appears only
     whole (built under a temporary name, then renamed). Older folders keep their weights only."""
     out = Path(cfg.out)
-    final, tmp = out / f"step-{step}", out / f".step-{step}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_model(model, tmp, metadata={"finetuned_from": cfg.model, "step": step})
-    groups = save_optimizer_state(tmp, opt, step)
-    rec = {**record, "step": step, "optimizer_param_groups": groups}
-    data.write_json(tmp / STATE_JSON, rec)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    final = out / f"step-{step}"
+    with data.atomic_folder(final) as tmp:
+        save_model(model, tmp, metadata={"finetuned_from": cfg.model, "step": step})
+        groups = save_optimizer_state(tmp, opt, step)
+        data.write_json(tmp / STATE_JSON, {**record, "step": step, "optimizer_param_groups": groups})
     for d in out.glob("step-*"):                 # only the newest state is needed to resume
         if d != final and (d / CKPT_STATE).exists():
             (d / CKPT_STATE).unlink()

