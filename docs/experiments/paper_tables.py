@@ -26,12 +26,13 @@ import stats  # noqa: E402
 LABELS = {"base": "student before fine-tuning", "train": "train (control: real questions, reference answers)",
           "np": "SS_NP", "mp": "SS_MP2", "mc": "SS_MC", "pt": "PT", "pt_sr": "PT_SR",
           "mc_full": "SS_MC on whole examples (--target full)", "mc_asis": "SS_MC, as-is answers",
-          "pt_asis": "PT, as-is answers (Fig. 9)"}
+          "pt_asis": "PT, as-is answers (Fig. 9)", "pt_matched": "PT at matched N (3x completions and attempts)"}
 # (A, B, what the paper says): the orderings its claims rest on
 COMPARISONS = [("train", "base", "fine-tuning on real pairs helps (the control must)"),
                ("mc", "base", "fine-tuning on SoftSRV's pairs helps"),
                ("pt", "base", "fine-tuning on PT's pairs helps"),
                ("mc", "pt", "SoftSRV beats prompt templates (Tables 1-2)"),
+               ("mc", "pt_matched", "SoftSRV beats prompt templates, pairs matched (Tables 1-2)"),
                ("mc", "pt_sr", "SoftSRV beats PT with self-refinement (Tables 1-2)"),
                ("mc", "np", "contextual beats non-contextual (MC > NP)"),
                ("mp", "np", "contextual beats non-contextual (MP2 > NP)"),

@@ -18,7 +18,7 @@ STEPS=${STEPS:?set STEPS (or run docs/experiments/control_sweep.sh)}
 DTYPE=${DTYPE:-auto}   # matmul precision of every step
 SEEDS=${SEEDS:-"0 1"}  # fine-tuning seeds (packing and batch order); seed 0 is the pipeline's own run
 LIMIT=${LIMIT:-100}    # held-out items for the k-shot and 0-shot chat metrics (the answer loss uses all)
-ARMS=${ARMS:-"train mc pt np mc_full pt_sr mp mc_asis pt_asis"}   # in order of what the claims need first
+ARMS=${ARMS:-"train mc pt np mc_full pt_sr mp pt_matched mc_asis pt_asis"}   # in order of what the claims need first
 COMMON=(--task "$TASK" --n-keep "$N" --n-generate "$G" --dtype "$DTYPE" --ft-lr "$LR" --ft-steps "$STEPS"
         --ft-checkpoints 1 --eval-limit "$LIMIT")
 mkdir -p "$RUNS"
@@ -61,6 +61,10 @@ for a in $ARMS; do
     mc_full) arm mc_full --method mc --target full ;;
     mc_asis) share mc mc_asis softsrv generated.jsonl; arm mc_asis --method mc --answer-format as-is ;;
     pt_asis) share pt pt_asis pt_completions.jsonl; arm pt_asis --method pt --answer-format as-is ;;
+    # PT at the pairs of the other arms: PT's completions hold fewer and less answerable questions, so
+    # it takes about 3x the completions (160 at G=500) and answer attempts to reach N usable pairs
+    pt_matched) share pt pt_matched pt_completions.jsonl
+                arm pt_matched --method pt --answer-format fewshot --n-generate $((G * 16 / 5)) --answer-attempts 4 ;;
     *) echo "unknown arm $a" >&2; exit 2 ;;
   esac
 done
