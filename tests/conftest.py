@@ -14,6 +14,25 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+
+def padded_prefill_then_decode(model, lengths, n_new: int, vocab: int, seed: int = 3):
+    """Random rows of these lengths, left-padded and prefilled as one batch, then n_new cached decode
+    steps of random tokens: rows, the new tokens [B, n_new], the padded ids and mask, and per row its
+    logits over its own tokens then the new ones, taken from its place in the batch (what the parity
+    tests compare with the row run alone)."""
+    from sampling import left_pad
+    g = torch.Generator().manual_seed(seed)
+    rows = [torch.randint(0, vocab, (n,), generator=g) for n in lengths]
+    nxt = torch.randint(0, vocab, (len(rows), n_new), generator=g)
+    ids, mask = left_pad(rows)
+    T = ids.shape[1]
+    cache = model.new_cache(len(rows), T + n_new)
+    with torch.no_grad():
+        pre = model(model.embed(ids), attention_mask=mask, cache=cache)
+        dec = torch.cat([model(model.embed(nxt[:, i:i + 1]), cache=cache) for i in range(n_new)], 1)
+    per_row = [torch.cat([pre[b, T - len(r):], dec[b]]) for b, r in enumerate(rows)]
+    return rows, nxt, ids, mask, pre, per_row
+
 @pytest.fixture(autouse=True, scope="session")
 def _context_cache(tmp_path_factory):
     """The tests' context vectors go to a temporary folder, not the user's cache."""

@@ -6,9 +6,8 @@ import json
 import pytest
 import torch
 
-from conftest import save_hf
+from conftest import padded_prefill_then_decode, save_hf
 from weights import load_model
-from sampling import left_pad
 
 TOL = 1e-4
 V = 320
@@ -87,20 +86,11 @@ def test_padded_prefill_and_cached_decode_parity(pair):
     each row gets the logits transformers gives it alone, and the padded prefill matches
     transformers on the padded batch."""
     _, hf, model, _ = pair
-    g = torch.Generator().manual_seed(3)
-    rows = [torch.randint(0, V, (n,), generator=g) for n in (3, 12, 8)]
-    nxt = torch.randint(0, V, (3, 7), generator=g)
-    ids, mask = left_pad(rows)
-    T = ids.shape[1]
-    cache = model.new_cache(3, T + 7)
-    with torch.no_grad():
-        pre = model(model.embed(ids), attention_mask=mask, cache=cache)
-        dec = torch.cat([model(model.embed(nxt[:, i:i + 1]), cache=cache) for i in range(7)], 1)
+    rows, nxt, ids, mask, pre, per_row = padded_prefill_then_decode(model, (3, 12, 8), 7, V)
     assert (pre[mask] - logits_of(hf, ids, mask.long(), hf=True)[mask]).abs().max().item() < TOL
     for b, r in enumerate(rows):
         alone = logits_of(hf, torch.cat([r, nxt[b]])[None], hf=True)[0]
-        got = torch.cat([pre[b, T - len(r):], dec[b]])
-        assert (got - alone).abs().max().item() < TOL, f"row {b}"
+        assert (per_row[b] - alone).abs().max().item() < TOL, f"row {b}"
 
 
 def test_packed_segments_with_sliding_window(pair):

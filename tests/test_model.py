@@ -10,10 +10,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from conftest import ROOT, has_package, save_hf, tiny_llama_config
+from conftest import ROOT, has_package, padded_prefill_then_decode, save_hf, tiny_llama_config
 from model import ModelError
 from weights import load_model
-from sampling import left_pad
 
 TOL = 1e-4
 
@@ -194,21 +193,12 @@ def test_padded_batch_rows_of_different_lengths(llama):
     """Left-padded prefill of rows of lengths 3, 7, 5, then decode steps: each row's logits are the
     logits it gets alone, and transformers agrees on the padded batch."""
     hf, model = llama
-    g = torch.Generator().manual_seed(3)
-    rows = [torch.randint(0, 320, (n,), generator=g) for n in (3, 7, 5)]
-    nxt = torch.randint(0, 320, (3, 4), generator=g)
-    ids, mask = left_pad(rows)
-    T = ids.shape[1]
-    cache = model.new_cache(3, T + 4)
-    with torch.no_grad():
-        pre = model(model.embed(ids), attention_mask=mask, cache=cache)
-        dec = torch.cat([model(model.embed(nxt[:, i:i + 1]), cache=cache) for i in range(4)], 1)
-        oracle = hf_logits(hf, ids, mask.long())
+    rows, nxt, ids, mask, pre, per_row = padded_prefill_then_decode(model, (3, 7, 5), 4, 320)
+    oracle = hf_logits(hf, ids, mask.long())
     assert (pre[mask] - oracle[mask]).abs().max().item() < TOL
     for b, r in enumerate(rows):
         alone = our_logits(model, torch.cat([r, nxt[b]])[None])[0]
-        got = torch.cat([pre[b, T - len(r):], dec[b]])
-        assert (got - alone).abs().max().item() < TOL, f"row {b}"
+        assert (per_row[b] - alone).abs().max().item() < TOL, f"row {b}"
 
 
 def test_right_padding_without_mask_leaves_real_tokens_unchanged(llama):
