@@ -17,16 +17,18 @@ LR=${LR:?set LR (or run docs/experiments/control_sweep.sh, which writes RUNS/swe
 STEPS=${STEPS:?set STEPS (or run docs/experiments/control_sweep.sh)}
 DTYPE=${DTYPE:-auto}   # matmul precision of every step
 SEEDS=${SEEDS:-"0 1"}  # fine-tuning seeds (packing and batch order); seed 0 is the pipeline's own run
-LIMIT=${LIMIT:-100}    # held-out items for the k-shot and 0-shot chat metrics (the answer loss uses all)
+LIMIT=${LIMIT:-100}    # held-out items for the k-shot and 0-shot chat metrics
+LOSS_LIMIT=${LOSS_LIMIT:-}  # held-out items of the answer loss (default all; BoolQ's dev fold has 3,270)
+LOSS=(); [ -n "$LOSS_LIMIT" ] && LOSS=(--loss-limit "$LOSS_LIMIT")
 ARMS=${ARMS:-"train mc pt np mc_full pt_sr mp pt_matched mc_asis pt_asis"}   # in order of what the claims need first
 COMMON=(--task "$TASK" --n-keep "$N" --n-generate "$G" --dtype "$DTYPE" --ft-lr "$LR" --ft-steps "$STEPS"
-        --ft-checkpoints 1 --eval-limit "$LIMIT")
+        --ft-checkpoints 1 --eval-limit "$LIMIT" ${LOSS_LIMIT:+--eval-loss-limit "$LOSS_LIMIT"})
 mkdir -p "$RUNS"
 
 # The student before fine-tuning is the same model in every arm: evaluated once, with the settings
 # the pipeline's evaluation uses, and handed to each run folder as its step 0.
 BASE=$RUNS/$TASK-base.json
-[ -f "$BASE" ] || $PY eval.py task "$TASK" --limit "$LIMIT" --dtype "$DTYPE" --out "$BASE"
+[ -f "$BASE" ] || $PY eval.py task "$TASK" --limit "$LIMIT" "${LOSS[@]}" --dtype "$DTYPE" --out "$BASE"
 
 arm() {   # arm NAME PIPELINE-OPTIONS...
   local name=$1; shift
@@ -40,8 +42,8 @@ arm() {   # arm NAME PIPELINE-OPTIONS...
     local ft=$out/finetune-s$s
     $PY finetune.py --data "$out/data.jsonl" --out "$ft" --lr "$LR" --steps "$STEPS" --n-checkpoints 1 \
         --seed "$s" --dtype "$DTYPE"
-    [ -f "$ft/eval.json" ] || $PY eval.py task "$TASK" --model "$ft/step-$STEPS" --limit "$LIMIT" --dtype "$DTYPE" \
-        --out "$ft/eval.json"
+    [ -f "$ft/eval.json" ] || $PY eval.py task "$TASK" --model "$ft/step-$STEPS" --limit "$LIMIT" "${LOSS[@]}" \
+        --dtype "$DTYPE" --out "$ft/eval.json"
   done
 }
 
