@@ -48,3 +48,21 @@ def test_keep_freed_memory_reuses_big_blocks_without_page_faults():
     if not got["keep"][0]:
         pytest.skip("not glibc")
     assert got["default"][1] > 10_000 and got["keep"][1] < 1_000, got
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc only")
+def test_keep_freed_memory_returns_blocks_above_its_bound():
+    # Blocks larger than runtime.MMAP_ABOVE (a step's logits on a large vocabulary, a different size
+    # each step) go back to the OS when freed: kept in the heap, they fragmented it until a run was
+    # killed for memory. After freeing 320 MB, the resident set is back near where it was.
+    code = ("import sys; sys.path.insert(0, %r); import torch, runtime\n"
+            "assert runtime.keep_freed_memory()\n"
+            "rss = lambda: int(open('/proc/self/statm').read().split()[1]) * 4096 >> 20\n"
+            "before = rss()\n"
+            "x = torch.ones(320 << 20, dtype=torch.uint8); del x\n"
+            "print(rss() - before)" % str(ROOT))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    if "AssertionError" in out.stderr:
+        pytest.skip("not glibc")
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout) < 64, f"{out.stdout.strip()} MB still resident after the free"
