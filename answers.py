@@ -128,6 +128,7 @@ class Answerer:
     temperature: float = 0.0
     samples: int = 1           # GSM8K self-consistency: k sampled answers per question
     batch_size: int = 16
+    min_tokens: int = 0        # EOS is not drawn before this many answer tokens (sampling.generate_from_ids)
 
     def prompt_ids(self, question: str) -> list[int]:
         if self.fmt == "fewshot":
@@ -150,7 +151,8 @@ class Answerer:
         stop = stop_on(self.tok, FEWSHOT_STOPS) if self.fmt == "fewshot" else None
         outs, finished = generate_from_ids(self.model, rest, self.max_tokens, self.tok.eos_id,
                                            temperature=self.temperature, stop=stop, batch_size=self.batch_size,
-                                           seeds=seeds, prefix=prefix, return_finished=True)
+                                           seeds=seeds, prefix=prefix, return_finished=True,
+                                           min_new_tokens=self.min_tokens)
         recs = []
         for i in range(len(questions)):
             texts, fins = [], []

@@ -170,7 +170,7 @@ def generate_from_ids(model: Transformer, prompts: list[list[int]], max_new_toke
                       temperature: float = 0.0, top_p: float = 1.0, stop=None, batch_size: int = 16,
                       seed: int = 0, progress: bool = False, *, prefix: list[int] | None = None,
                       top_k: int = 0, seeds: list[int] | None = None, return_finished: bool = False,
-                      prefill_chunk: int = 512):
+                      prefill_chunk: int = 512, min_new_tokens: int = 0):
     """The project's sampler for *text* prompts: token-id prompts -> generated ids, in input order.
 
     Continuous batching: `batch_size` rows decode together in a RowCache; when a row ends (EOS,
@@ -188,6 +188,8 @@ def generate_from_ids(model: Transformer, prompts: list[list[int]], max_new_toke
     prompts share its batch. Greedy (temperature 0) is decoding each prompt alone.
     return_finished: also return, per prompt, whether it ended by EOS or `stop` before the cap.
     prefill_chunk: a prompt is prefilled in blocks of at most this many tokens (bounds the memory).
+    min_new_tokens: EOS cannot be drawn before a prompt has this many tokens (a chat model asked to
+    continue plain text often puts its end-of-turn first, which would end the answer empty).
     """
     if any(len(p) == 0 for p in prompts):
         raise ValueError("generate_from_ids: empty prompt (at least one token needed"
@@ -229,6 +231,10 @@ def generate_from_ids(model: Transformer, prompts: list[list[int]], max_new_toke
         busy = [r for r in range(B) if row[r] >= 0]
         if not busy:
             break
+        if min_new_tokens and eos_id is not None:
+            early = [r for r in busy if len(out[row[r]]) < min_new_tokens]
+            if early:
+                logits[early, eos_id] = float("-inf")
         toks = _pick(logits[busy], temperature, top_k, top_p, [gens[row[r]] for r in busy]).tolist()
         feed: dict[int, int] = {}                 # row -> its token for the next decode step
         for r, tk in zip(busy, toks):

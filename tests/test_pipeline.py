@@ -142,6 +142,11 @@ def test_other_settings_and_bad_input_are_one_line(tiny_backbone, tmp_path, caps
     pl.Run(tiny_cfg(tiny_backbone, "pt"), tmp_path / "r")
     with pytest.raises(ValueError, match=r"other settings \(n_generate: 24 -> 30\)"):
         pl.Run(tiny_cfg(tiny_backbone, "pt", n_generate=30), tmp_path / "r")
+    settings = tmp_path / "r" / "settings.json"            # a folder written before --answer-min-tokens
+    data.write_json(settings, {k: v for k, v in data.read_json(settings).items() if k != "answer_min_tokens"})
+    with pytest.raises(ValueError, match=r"other settings \(answer_min_tokens: 0 -> 1\)"):
+        pl.Run(tiny_cfg(tiny_backbone, "pt"), tmp_path / "r")
+    pl.Run(tiny_cfg(tiny_backbone, "pt", answer_min_tokens=0), tmp_path / "r").close()   # resumes with its value
     with pytest.raises(SystemExit):
         pl.parse_args(["--task", "nope"])
     with pytest.raises(SystemExit):

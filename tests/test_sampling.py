@@ -60,6 +60,17 @@ def test_finished_says_which_prompts_ended_before_the_cap(tiny_lm, prompts):
     assert generate_from_ids(model, prompts, 10, eos_id=eos, stop=stop, batch_size=3) == got
 
 
+
+def test_min_new_tokens_keeps_eos_from_ending_a_prompt_early(tiny_lm, prompts):
+    # EOS = the first greedy token of prompt 0, so without the floor that prompt ends empty
+    model, _ = tiny_lm
+    first = alone(model, prompts[0], 1)[0]
+    got = generate_from_ids(model, prompts, 6, eos_id=first, batch_size=3)
+    assert got[0] == []
+    got = generate_from_ids(model, prompts, 6, eos_id=first, batch_size=3, min_new_tokens=2)
+    assert all(len(g) >= 2 and first not in g[:2] for g in got)      # no EOS among the first two
+    assert got[0][0] != first                        # prompt 0 goes on with its runner-up token
+
 def test_sampled_tokens_do_not_depend_on_the_batch(tiny_lm, prompts):
     model, _ = tiny_lm
     kw = dict(temperature=1.0, top_p=0.95, seed=4)
