@@ -90,21 +90,25 @@ def downstream(runs: Path, task: str) -> list[str]:
     return lines
 
 
-def mauve_table(runs: Path, task: str, seeds=(1, 2, 3, 4, 5), buckets: int = 32) -> list[str]:
+def mauve_table(runs: Path, task: str, seeds=(1, 2, 3, 4, 5), buckets: int = 32, min_n: int = 100) -> list[str]:
     import mauve
     from tasks import TASKS as EVAL_TASKS
     arms = [a for a in LABELS if a != "base" and (runs / f"{task}-{a}" / "data.jsonl").exists()]
+    questions = {a: [r["question"] for r in data.read_jsonl(runs / f"{task}-{a}" / "data.jsonl")] for a in arms}
+    short = [a for a in arms if len(questions[a]) < min_n]     # MAUVE at every arm's N: the smallest sets it
+    arms = [a for a in arms if a not in short]
     if not arms:
         return []
-    questions = {a: [r["question"] for r in data.read_jsonl(runs / f"{task}-{a}" / "data.jsonl")] for a in arms}
-    n = min(len(q) for q in questions.values())
+    n = min(len(questions[a]) for a in arms)
     refs = {"test": [e.text for e in data.load_examples(task, EVAL_TASKS[task][0])],
             "train": [e.text for e in data.load_examples(task, "train")]}
     feats = {k: mauve.featurize(v, dtype="fp32", progress=False) for k, v in refs.items()}
     lines = ["## Questions: MAUVE (Tables 4-5 analog)", "",
              f"{n} questions per arm (the first {n} of each data.jsonl) against the {len(refs['test'])} held-out "
              f"test questions and the {len(refs['train'])} train-fold questions; {buckets} buckets; k-means seeds "
-             f"{seeds[0]}-{seeds[-1]}: mean (min-max).", "",
+             f"{seeds[0]}-{seeds[-1]}: mean (min-max)."
+             + (f" Left out, fewer than {min_n} questions: {', '.join(f'{LABELS[a]} ({len(questions[a])})' for a in short)}."
+                if short else ""), "",
              "| arm | MAUVE vs test | MAUVE vs train |", "|---|---|---|"]
     for a in arms:
         p = mauve.featurize(questions[a][:n], dtype="fp32", progress=False)
