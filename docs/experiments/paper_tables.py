@@ -90,7 +90,8 @@ def downstream(runs: Path, task: str) -> list[str]:
     return lines
 
 
-def mauve_table(runs: Path, task: str, seeds=(1, 2, 3, 4, 5), buckets: int = 32, min_n: int = 100) -> list[str]:
+def mauve_table(runs: Path, task: str, seeds=(1, 2, 3, 4, 5), buckets: int = 32, min_n: int = 100,
+                max_ref: int = 1000) -> list[str]:
     import mauve
     from tasks import TASKS as EVAL_TASKS
     arms = [a for a in LABELS if a != "base" and (runs / f"{task}-{a}" / "data.jsonl").exists()]
@@ -100,12 +101,13 @@ def mauve_table(runs: Path, task: str, seeds=(1, 2, 3, 4, 5), buckets: int = 32,
     if not arms:
         return []
     n = min(len(questions[a]) for a in arms)
-    refs = {"test": [e.text for e in data.load_examples(task, EVAL_TASKS[task][0])],
-            "train": [e.text for e in data.load_examples(task, "train")]}
+    # the first max_ref texts of each side (BoolQ's folds hold 3,270 and 9,427 passages)
+    refs = {"test": [e.text for e in data.load_examples(task, EVAL_TASKS[task][0])][:max_ref],
+            "train": [e.text for e in data.load_examples(task, "train")][:max_ref]}
     feats = {k: mauve.featurize(v, dtype="fp32", progress=False) for k, v in refs.items()}
     lines = ["## Questions: MAUVE (Tables 4-5 analog)", "",
-             f"{n} questions per arm (the first {n} of each data.jsonl) against the {len(refs['test'])} held-out "
-             f"test questions and the {len(refs['train'])} train-fold questions; {buckets} buckets; k-means seeds "
+             f"{n} questions per arm (the first {n} of each data.jsonl) against {len(refs['test'])} held-out "
+             f"test questions and {len(refs['train'])} train-fold questions (the first {max_ref} at most); {buckets} buckets; k-means seeds "
              f"{seeds[0]}-{seeds[-1]}: mean (min-max)."
              + (f" Left out, fewer than {min_n} questions: {', '.join(f'{LABELS[a]} ({len(questions[a])})' for a in short)}."
                 if short else ""), "",
