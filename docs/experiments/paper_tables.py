@@ -91,16 +91,16 @@ def downstream(runs: Path, task: str) -> list[str]:
 
 
 def mauve_table(runs: Path, task: str, seeds=(1, 2, 3, 4, 5), buckets: int = 32, min_n: int = 100,
-                max_ref: int = 1000) -> list[str]:
+                max_ref: int = 1000, n: int | None = None) -> list[str]:
     import mauve
     from tasks import TASKS as EVAL_TASKS
     arms = [a for a in LABELS if a != "base" and (runs / f"{task}-{a}" / "data.jsonl").exists()]
     questions = {a: [r["question"] for r in data.read_jsonl(runs / f"{task}-{a}" / "data.jsonl")] for a in arms}
-    short = [a for a in arms if len(questions[a]) < min_n]     # MAUVE at every arm's N: the smallest sets it
+    short = [a for a in arms if len(questions[a]) < (n or min_n)]   # MAUVE at every arm's N: the smallest sets it
     arms = [a for a in arms if a not in short]
     if not arms:
         return []
-    n = min(len(questions[a]) for a in arms)
+    n = n or min(len(questions[a]) for a in arms)
     # the first max_ref texts of each side (BoolQ's folds hold 3,270 and 9,427 passages)
     refs = {"test": [e.text for e in data.load_examples(task, EVAL_TASKS[task][0])][:max_ref],
             "train": [e.text for e in data.load_examples(task, "train")][:max_ref]}
@@ -127,6 +127,9 @@ def main(argv=None):
     p.add_argument("--runs", default="runs/tables", help="paper_tables.sh's RUNS folder (default runs/tables)")
     p.add_argument("--task", default="gsm8k", help="the task whose arms to read (default gsm8k)")
     p.add_argument("--no-mauve", action="store_true", help="skip the MAUVE table (it featurizes every arm)")
+    p.add_argument("--mauve-n", type=int, default=None,
+                   help="questions per arm for MAUVE (default: the smallest arm's count, arms under 100 left out); "
+                        "give it to add an arm to a table built at that N")
     args = p.parse_args(argv)
     runs = Path(args.runs)
     lines = [f"# {args.task}: the paper's tables at CPU scale", "",
@@ -134,7 +137,7 @@ def main(argv=None):
              f"run folders of `docs/experiments/paper_tables.sh`.", ""]
     lines += downstream(runs, args.task)
     if not args.no_mauve:
-        lines += [""] + mauve_table(runs, args.task)
+        lines += [""] + mauve_table(runs, args.task, n=args.mauve_n)
     print("\n".join(lines))
 
 
