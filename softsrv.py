@@ -556,6 +556,65 @@ def heldout_loss(backbone, tok, prompt, z, token_lists, cfg: TrainConfig, n_byte
     return total / count, total / (math.log(2) * n_bytes)
 
 
+def load_backbone_and_contexts(cfg: TrainConfig, examples: list, rank: int, world: int, device):
+    """The frozen H with its tokenizer, E, and z_i = E(x_i) for every example (cached on disk by
+    encoder and data). E is the same copy of the weights as H unless cfg.embed_model names another."""
+    with rank0_first(rank, world):               # a first run converts the model and embeds the data once
+        backbone = load_model(cfg.model, dtype=dtype_of(cfg.dtype, device), device=device)
+        tok = load_tokenizer(cfg.model)
+        if cfg.embed_model == cfg.model:
+            enc_model, enc_tok = backbone, tok
+        else:
+            enc_model = load_model(cfg.embed_model, dtype=dtype_of(cfg.dtype, device), device=device)
+            enc_tok = load_tokenizer(cfg.embed_model)
+        encoder = ContextEncoder(enc_model, enc_tok)
+        z = context_vectors(encoder, cfg.embed_model, [e.text for e in examples], fingerprint(examples))
+    return backbone, tok, encoder, z
+
+
+def start_or_resume(cfg: TrainConfig, record: dict, resume: bool, backbone, encoder, z_train, device, log):
+    """(P_θ, its optimizer, the step to start at, the held-out history so far): a new P_θ initialized
+    from the train contexts, or the checkpoint in cfg.out when resuming (refused if it was trained
+    with other settings or data)."""
+    if not resume:
+        prompt = build_soft_prompt(cfg.param, backbone, encoder.dim, cfg.prompt_len, k=cfg.k, hidden=cfg.hidden,
+                                   seed=cfg.seed).to(device)
+        prompt.init_from_contexts(z_train.to(device), seed=cfg.seed)
+        return prompt, make_optimizer(prompt, cfg), 0, []
+    prompt, saved = load_checkpoint(cfg.out)
+    # Only the length of the run, how often it reports and where it lives may change when
+    # resuming. An option newer than the checkpoint counts as its default (what it trained with).
+    defaults = asdict(TrainConfig())
+    diff = [k for k in record["config"] if k not in ("steps", "eval_every", "out")
+            and saved["config"].get(k, defaults[k]) != record["config"][k]]
+    if diff or saved["data_fingerprint"] != record["data_fingerprint"]:
+        raise ValueError(f"--resume {cfg.out}: the checkpoint was trained with different settings "
+                         f"({', '.join(diff) or 'data'}); rerun with the same options")
+    prompt.to(device)
+    opt = make_optimizer(prompt, cfg)
+    load_optimizer_state(cfg.out, opt, saved)
+    log(f"resuming {cfg.out} at step {saved['step']}/{cfg.steps}")
+    return prompt, opt, saved["step"], saved.get("history", [])
+
+
+def train_step(backbone, tok, ddp, opt, z_train, ids_train, idx: list[int], cfg: TrainConfig, lr: float,
+               world: int, device) -> tuple[float, int]:
+    """One AdamW step on Eq. 1's loss for this rank's share of a batch: [BOS; P_θ(z_i)] (BOS on
+    Gemma only) then x_i, scored on x_i and its EOS. Returns (summed loss, target tokens) of this rank.
+    Under torchrun the summed loss over the GLOBAL token count, times world (DDP averages), gives
+    exactly the one-process gradient."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    targets = pad_targets([ids_train[i] for i in idx], tok.eos_id, cfg.max_tokens, device)
+    prefix = prepend_bos(backbone, tok, ddp(z_train[idx].to(device)))
+    loss_sum, n = softsrv_loss(backbone, prefix, targets, "sum")
+    loss = loss_sum / n if world == 1 else loss_sum * (world / all_sum(world, n.item())[0])
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss_sum.item(), n.item()
+
+
 def train(cfg: TrainConfig, resume: bool = False, show_samples: int = 3) -> dict:
     """Minimize Eq. 1's reconstruction loss over θ (H and E frozen), evaluating the held-out loss every
     eval_every steps and saving a checkpoint there; resume=True continues the run in cfg.out."""
@@ -572,17 +631,7 @@ def train(cfg: TrainConfig, resume: bool = False, show_samples: int = 3) -> dict
     log = print if rank == 0 else (lambda *a, **k: None)
     torch.manual_seed(cfg.seed)
     train_ex, held_ex = load_training_data(cfg)
-    all_ex = train_ex + held_ex
-    with rank0_first(rank, world):               # a first run converts the model and embeds the data once
-        backbone = load_model(cfg.model, dtype=dtype_of(cfg.dtype, device), device=device)
-        tok = load_tokenizer(cfg.model)
-        if cfg.embed_model == cfg.model:
-            enc_model, enc_tok = backbone, tok          # one copy of the weights serves as H and E
-        else:
-            enc_model = load_model(cfg.embed_model, dtype=dtype_of(cfg.dtype, device), device=device)
-            enc_tok = load_tokenizer(cfg.embed_model)
-        encoder = ContextEncoder(enc_model, enc_tok)
-        z = context_vectors(encoder, cfg.embed_model, [e.text for e in all_ex], fingerprint(all_ex))
+    backbone, tok, encoder, z = load_backbone_and_contexts(cfg, train_ex + held_ex, rank, world, device)
     z_train, z_held = z[: len(train_ex)], z[len(train_ex):]
     ids_train = [tok.encode(e.text) for e in train_ex]
     ids_held = [tok.encode(e.text) for e in held_ex]
@@ -592,27 +641,7 @@ def train(cfg: TrainConfig, resume: bool = False, show_samples: int = 3) -> dict
     record = {"config": asdict(cfg), "backbone": cfg.model, "encoder": cfg.embed_model,
               "data_fingerprint": fingerprint(train_ex), "n_train": len(train_ex),
               "n_heldout": len(held_ex), "method": f"SS_{cfg.param.upper()}" + (str(cfg.k) if cfg.param == "mp" else "")}
-    start, history = 0, []
-    if resume:
-        prompt, saved = load_checkpoint(cfg.out)
-        # Only the length of the run, how often it reports and where it lives may change when
-        # resuming. An option newer than the checkpoint counts as its default (what it trained with).
-        defaults = asdict(TrainConfig())
-        diff = [k for k in record["config"] if k not in ("steps", "eval_every", "out")
-                and saved["config"].get(k, defaults[k]) != record["config"][k]]
-        if diff or saved["data_fingerprint"] != record["data_fingerprint"]:
-            raise ValueError(f"--resume {cfg.out}: the checkpoint was trained with different settings "
-                             f"({', '.join(diff) or 'data'}); rerun with the same options")
-        prompt.to(device)
-        opt = make_optimizer(prompt, cfg)
-        load_optimizer_state(cfg.out, opt, saved)
-        start, history = saved["step"], saved.get("history", [])
-        log(f"resuming {cfg.out} at step {start}/{cfg.steps}")
-    else:
-        prompt = build_soft_prompt(cfg.param, backbone, encoder.dim, cfg.prompt_len, k=cfg.k, hidden=cfg.hidden,
-                                   seed=cfg.seed).to(device)
-        prompt.init_from_contexts(z_train.to(device), seed=cfg.seed)
-        opt = make_optimizer(prompt, cfg)
+    prompt, opt, start, history = start_or_resume(cfg, record, resume, backbone, encoder, z_train, device, log)
     # DDP averages θ's gradients over the ranks; the backbone is no part of it (frozen, one per rank).
     ddp = DistributedDataParallel(prompt, broadcast_buffers=False) if world > 1 else prompt
     n_params = sum(p.numel() for p in prompt.parameters())
@@ -625,7 +654,6 @@ def train(cfg: TrainConfig, resume: bool = False, show_samples: int = 3) -> dict
         history.append({"step": step, "heldout_loss": round(loss, 5), "heldout_bpb": round(bpb, 5)})
         if rank == 0:
             tqdm.write(f"step {step}: held-out loss per token {loss:.4f}, bits per byte {bpb:.4f}")
-        return loss
 
     if start == 0:
         evaluate(0)
@@ -633,22 +661,12 @@ def train(cfg: TrainConfig, resume: bool = False, show_samples: int = 3) -> dict
                disable=rank != 0)
     t0, seen = time.time(), 0
     for step in bar:
-        idx = batch_indices(cfg, step, lengths)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(cfg, step)
-        # Each rank takes every world-th example of the global batch. Its summed loss over the
-        # global token count, times world (DDP averages), gives exactly the one-process gradient.
-        idx = idx[rank::world]
-        targets = pad_targets([ids_train[i] for i in idx], tok.eos_id, cfg.max_tokens, device)
-        prefix = prepend_bos(backbone, tok, ddp(z_train[idx].to(device)))        # [BOS; P_θ(z)] on Gemma
-        loss_sum, n = softsrv_loss(backbone, prefix, targets, "sum")
-        loss = loss_sum / n if world == 1 else loss_sum * (world / all_sum(world, n.item())[0])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        seen += (targets.numel() + len(idx) * cfg.prompt_len) * world
+        idx = batch_indices(cfg, step, lengths)[rank::world]      # each rank: every world-th example
+        loss_sum, n = train_step(backbone, tok, ddp, opt, z_train, ids_train, idx, cfg, lr_at(cfg, step),
+                                 world, device)
+        seen += len(idx) * (max(lengths[i] for i in idx) + 1 + cfg.prompt_len) * world   # x, its EOS, P_θ(z)
         if rank == 0:
-            bar.set_postfix(loss=f"{loss_sum.item() / n.item():.3f}", lr=f"{lr_at(cfg, step):.1e}",
+            bar.set_postfix(loss=f"{loss_sum / n:.3f}", lr=f"{lr_at(cfg, step):.1e}",
                             tok_s=f"{seen / (time.time() - t0):.0f}")
         done = step + 1
         if done % cfg.eval_every == 0 or done == cfg.steps:
