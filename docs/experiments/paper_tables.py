@@ -31,6 +31,7 @@ LABELS = {"base": "student before fine-tuning", "train": "train (control: real q
 COMPARISONS = [("train", "base", "fine-tuning on real pairs helps (the control must)"),
                ("mc", "base", "fine-tuning on SoftSRV's pairs helps"),
                ("pt", "base", "fine-tuning on PT's pairs helps"),
+               ("pt_matched", "base", "fine-tuning on PT's pairs helps, pairs matched"),
                ("mc", "pt", "SoftSRV beats prompt templates (Tables 1-2)"),
                ("mc", "pt_matched", "SoftSRV beats prompt templates, pairs matched (Tables 1-2)"),
                ("mc", "pt_sr", "SoftSRV beats PT with self-refinement (Tables 1-2)"),
