@@ -288,31 +288,15 @@ def _package_file(package: str, filename: str, pip_spec: str) -> Path:
     return path
 
 
-def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
-    """Dequantize a llama- or gemma3-architecture GGUF and write it as a Hugging Face folder
-    (config.json, model.safetensors, tokenizer.json, tokenizer_config.json). Done once; cached."""
-    import numpy as np
-    from gguf import GGUFReader
-    from gguf.quants import dequantize
-    from safetensors.torch import save_file
-    from tokenizer import tokenizer_files_from_gguf
-
-    try:
-        r = GGUFReader(str(gguf_path))
-    except Exception as e:
-        raise ModelError(f"{gguf_path}: unreadable GGUF file ({e})") from None
-    meta = {k: f.contents() for k, f in r.fields.items() if not k.startswith("tokenizer.ggml.")}
-    arch = meta.get("general.architecture")
-    if arch not in ("llama", "gemma3"):
-        raise ModelError(f"{gguf_path}: GGUF architecture '{arch}' is not supported (llama, gemma3)")
+def gguf_config(meta: dict, tensors: dict, arch: str, gguf_path: Path) -> dict:
+    """The Hugging Face config.json of a llama- or gemma3-architecture GGUF, from its metadata."""
     g = lambda key, default=None: meta.get(f"{arch}.{key}", default)
-    n_head, n_kv = g("attention.head_count"), g("attention.head_count_kv")
-    d = g("embedding_length")
-    tensors = {t.name: t for t in r.tensors}
+    n_head, d = g("attention.head_count"), g("embedding_length")
     config = {
         "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": d,
         "intermediate_size": g("feed_forward_length"), "num_hidden_layers": g("block_count"),
-        "num_attention_heads": n_head, "num_key_value_heads": n_kv, "head_dim": g("rope.dimension_count", d // n_head),
+        "num_attention_heads": n_head, "num_key_value_heads": g("attention.head_count_kv"),
+        "head_dim": g("rope.dimension_count", d // n_head),
         "max_position_embeddings": g("context_length"), "rms_norm_eps": g("attention.layer_norm_rms_epsilon"),
         "rope_theta": g("rope.freq_base", 10000.0), "vocab_size": g("vocab_size", tensors["token_embd.weight"].shape[1]),
         "tie_word_embeddings": "output.weight" not in tensors, "hidden_act": "silu", "torch_dtype": "float32",
@@ -330,6 +314,13 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
                    "final_logit_softcapping": None, "attn_logit_softcapping": None, "rope_scaling": None,
                    "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0}
         del config["hidden_act"]
+    return config
+
+
+def gguf_state_dict(tensors: dict, arch: str, config: dict) -> dict[str, torch.Tensor]:
+    """The GGUF's tensors dequantized to fp32 under Hugging Face names, in Hugging Face's layout."""
+    import numpy as np
+    from gguf.quants import dequantize
 
     def deq(name):
         t = tensors[name]
@@ -360,13 +351,33 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
             hf = f"model.layers.{i}.{per_layer[kind]}.{wb}"
         w = deq(name)
         if arch == "llama" and ".attn_q." in name:
-            w = unpermute(w, n_head)
+            w = unpermute(w, config["num_attention_heads"])
         elif arch == "llama" and ".attn_k." in name:
-            w = unpermute(w, n_kv)
+            w = unpermute(w, config["num_key_value_heads"])
         elif arch == "gemma3" and name.endswith("norm.weight"):
             w = w - 1      # llama.cpp stores Gemma's (1 + w) gains; q/k rows are NOT permuted for gemma3
         state[hf] = w.contiguous()
+    return state
 
+
+def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
+    """Dequantize a llama- or gemma3-architecture GGUF and write it as a Hugging Face folder
+    (config.json, model.safetensors, tokenizer.json, tokenizer_config.json). Done once; cached."""
+    from gguf import GGUFReader
+    from safetensors.torch import save_file
+    from tokenizer import tokenizer_files_from_gguf
+
+    try:
+        r = GGUFReader(str(gguf_path))
+    except Exception as e:
+        raise ModelError(f"{gguf_path}: unreadable GGUF file ({e})") from None
+    meta = {k: f.contents() for k, f in r.fields.items() if not k.startswith("tokenizer.ggml.")}
+    arch = meta.get("general.architecture")
+    if arch not in ("llama", "gemma3"):
+        raise ModelError(f"{gguf_path}: GGUF architecture '{arch}' is not supported (llama, gemma3)")
+    tensors = {t.name: t for t in r.tensors}
+    config = gguf_config(meta, tensors, arch, gguf_path)
+    state = gguf_state_dict(tensors, arch, config)
     tok_json, tok_config = tokenizer_files_from_gguf(gguf_path)
     with atomic_folder(out_dir) as tmp:         # a converted folder is either complete or absent
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
