@@ -109,7 +109,7 @@ _ROW_INVARIANT = [False]     # inside row_invariant(): packed GEMMs at any numbe
 def row_invariant():
     """Inside it, a frozen weight's product with a row does not depend on how many rows there are:
     every row count takes the packed GEMM (MKL's fp32, oneDNN's bf16), whose result for a row is
-    the same at 2 rows or 2,000, and one row is computed as two (MKL may take a GEMV path for one).
+    the same at 4 rows or 2,000, and MKL's rows are padded to a multiple of 4 (fused_linear).
     Plain F.linear switches kernels with the row count (one row: a GEMV), so a prompt's logits would
     change with the batch it shares. RowCache forwards run inside it; so does the sampler's LM head."""
     before = _ROW_INVARIANT[0]
@@ -168,9 +168,14 @@ def fused_linear(x: torch.Tensor, layers: list[nn.Module]) -> torch.Tensor:
     elif w.dtype == torch.float32:
         if packed is None:                             # only runs that use it pay its memory
             packed = cached[3] = torch.ops.mkl._mkl_reorder_linear_weight(w, 64)
-        if rows == 1 and _ROW_INVARIANT[0]:            # MKL may take a GEMV path for one row: two
-            return torch.ops.mkl._mkl_linear(x.reshape(1, -1).expand(2, -1), packed, w, bias, 2)[:1].view(
-                *x.shape[:-1], -1)
+        pad = -rows % 4 if _ROW_INVARIANT[0] else 0
+        if pad:
+            # MKL computes rows in blocks of 4 and the last, partial block with another kernel whose
+            # last bits differ (seen on AVX2-only CPUs; one row may even take a GEMV path), so a row
+            # would change with the batch: the rows are padded to whole blocks.
+            x2 = x.reshape(rows, -1)
+            x2 = torch.cat([x2, x2[-1:].expand(pad, -1)])
+            return torch.ops.mkl._mkl_linear(x2, packed, w, bias, rows + pad)[:rows].view(*x.shape[:-1], -1)
         y = torch.ops.mkl._mkl_linear(x, packed, w, bias, rows)
     else:
         if packed is None:

@@ -475,3 +475,17 @@ def test_row_cache_sliding_window_and_softcap(family, tmp_path):
             full = s if pre is None else torch.cat([pre, s])
             alone = our_logits(model, full[None])[0, len(full) - len(s):]
             assert (logits - alone).abs().max().item() < TOL
+
+
+def test_frozen_linear_rows_do_not_depend_on_the_row_count():
+    """Inside model.row_invariant a row's product with a frozen weight is the same bits at any row
+    count (MKL's fp32 GEMM computes a partial block of rows with another kernel on AVX2-only CPUs)."""
+    from model import fused_linear, row_invariant
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(96, 200, bias=True).requires_grad_(False)
+    x = torch.randn(24, 96)
+    with row_invariant():
+        ref = fused_linear(x, [lin])
+        for n in range(1, 24):
+            assert torch.equal(fused_linear(x[:n], [lin]), ref[:n]), n
+            assert torch.equal(fused_linear(x[:n].view(1, n, 96), [lin])[0], ref[:n]), n
