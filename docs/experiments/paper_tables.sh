@@ -20,9 +20,13 @@ SEEDS=${SEEDS:-"0 1"}  # fine-tuning seeds (packing and batch order); seed 0 is 
 LIMIT=${LIMIT:-100}    # held-out items for the k-shot and 0-shot chat metrics
 LOSS_LIMIT=${LOSS_LIMIT:-}  # held-out items of the answer loss (default all; BoolQ's dev fold has 3,270)
 LOSS=(); [ -n "$LOSS_LIMIT" ] && LOSS=(--loss-limit "$LOSS_LIMIT")
+# EOS allowed as the answer's first token (0) or not (1, the pipeline's default). The committed GSM8K
+# arms (mc, pt, train, pt_matched) ran with 0, so arms added to those tables must too.
+ANSWER_MIN_TOKENS=${ANSWER_MIN_TOKENS:-0}
 ARMS=${ARMS:-"train mc pt np mc_full pt_sr mp pt_matched mc_asis pt_asis"}   # in order of what the claims need first
 COMMON=(--task "$TASK" --n-keep "$N" --n-generate "$G" --dtype "$DTYPE" --ft-lr "$LR" --ft-steps "$STEPS"
-        --ft-checkpoints 1 --eval-limit "$LIMIT" ${LOSS_LIMIT:+--eval-loss-limit "$LOSS_LIMIT"})
+        --ft-checkpoints 1 --eval-limit "$LIMIT" ${LOSS_LIMIT:+--eval-loss-limit "$LOSS_LIMIT"}
+        --answer-min-tokens "$ANSWER_MIN_TOKENS")
 mkdir -p "$RUNS"
 
 # The student before fine-tuning is the same model in every arm: evaluated once, with the settings
