@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 import data
+from runtime import default_device
 
 # The group rank0_first's waiting ranks wait in (gloo, on GPUs too: its waits sleep instead of
 # spinning): rank 0 may fine-tune alone for many hours meanwhile, far beyond a collective's usual
@@ -24,9 +25,9 @@ def init_distributed() -> tuple[int, int, str]:
     """(rank, world size, device) of this process. Under torchrun (WORLD_SIZE > 1) joins the
     process group: gloo on CPUs, nccl on GPUs with one GPU per rank (LOCAL_RANK)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available()
+    cuda = default_device() == "cuda"
     if world == 1:
-        return 0, 1, "cuda" if cuda else "cpu"
+        return 0, 1, default_device()
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if cuda:
         torch.cuda.set_device(local)

@@ -32,7 +32,7 @@ from safetensors.numpy import load_file, save_file
 
 import data
 import options
-from runtime import DTYPES, dtype_of, keep_freed_memory
+from runtime import DTYPES, default_device, dtype_of, keep_freed_memory
 from softsrv import ContextEncoder
 from weights import CACHE_DIR, DEFAULT_MODEL, load_model, load_tokenizer
 
@@ -144,15 +144,11 @@ def compute_mauve(p_features, q_features, num_buckets="auto", pca_explained_var:
 # ----------------------------------------------------------------------------------------------
 # Step 1: texts -> features, with SoftSRV's context encoder E and its cache
 
-def _device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 @functools.lru_cache(maxsize=1)
 def _encoder(model: str, dtype: str, max_tokens: int, batch_size: int):
     """E for `model`, loaded once per process (featurizing p and q shares it), and only when a text
     is not in the feature cache."""
-    device = _device()
+    device = default_device()
     lm = load_model(model, dtype=dtype_of(dtype, device), device=device)
     return ContextEncoder(lm, load_tokenizer(model), max_tokens=max_tokens, batch_size=batch_size)
 
@@ -192,7 +188,7 @@ def featurize(texts: list[str], model: str = DEFAULT_MODEL, dtype: str = "auto",
         raise ValueError("featurize: no texts")
     if dtype not in DTYPES:
         raise ValueError(f"featurize: dtype must be one of {DTYPES}, got {dtype!r}")
-    resolved = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype_of(dtype, _device())]
+    resolved = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype_of(dtype, default_device())]
     folder = feature_dir(str(model), resolved, max_tokens)
     known = _cached_features(folder)
     keys = [_text_key(t) for t in texts]

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from runtime import dtype_of
+from runtime import default_device, dtype_of
 from softsrv import CKPT_STATE, load_optimizer_state, lr_at, save_optimizer_state
 from tokenizer import qa_answer_ids, qa_prompt_ids
 from weights import DEFAULT_MODEL, load_model, load_tokenizer, save_model
@@ -186,7 +186,7 @@ def save_state(model, opt, cfg: FinetuneConfig, step: int, record: dict) -> Path
 def finetune(cfg: FinetuneConfig, progress: bool = True) -> list[tuple[int, Path]]:
     """Run (or resume) the fine-tuning; returns every checkpoint as (step, folder)."""
     t0 = time.time()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device()
     out = Path(cfg.out)
     pairs = load_pairs(cfg.data)
     tok = load_tokenizer(cfg.model)

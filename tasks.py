@@ -20,7 +20,7 @@ import data
 import sandbox
 from data import atomic_write
 from dist import cpus_per_rank, deal, gather, rank0_first
-from runtime import DTYPES, dtype_of
+from runtime import DTYPES, default_device, dtype_of
 from sampling import cut_at, generate_from_ids, split_common_prefix, stop_on
 from tokenizer import PLAIN_QA, qa_answer_ids, qa_prompt_ids
 from weights import load_model, load_tokenizer
@@ -520,7 +520,7 @@ def evaluate_task(task: str, model: str, limit: int | None = None, shots: int | 
         demos = data.load_examples(task, shot_split, limit=shots) if shots else []
         _stage(f"{len(items)} held-out items ({task}/{split}), {len(demos)} shots; "
                f"answer loss on {len(loss_items)}", t0)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = default_device()
         lm = load_model(model, dtype=dtype_of(dtype, device), device=device)
         tok = load_tokenizer(model)
     _stage(f"loaded {model} ({lm.dtype}, {device})", t0)

@@ -44,6 +44,11 @@ COMPARISONS = [("train", "base", "fine-tuning on real pairs helps (the control m
                ("pt", "pt_asis", "(design) the same k-shot answer prompt vs Fig. 9")]
 
 
+# the task metric (the paper's) and its 0-shot chat-format twin, per task (tasks.evaluate_task)
+METRICS = {"gsm8k": ("k-shot pass@1", "0-shot chat pass@1"), "mbpp": ("k-shot pass@1", "0-shot chat pass@1"),
+           "boolq": ("accuracy (plain yes/no)", "chat accuracy (P(True) vs P(False))")}
+
+
 def arm_evals(runs: Path, task: str, arm: str) -> list[Path]:
     """One eval.py output per fine-tuning seed of an arm (seed 0: the pipeline's own run)."""
     if arm == "base":
@@ -52,7 +57,8 @@ def arm_evals(runs: Path, task: str, arm: str) -> list[Path]:
     out = runs / f"{task}-{arm}"
     found = sorted((out / "eval").glob("step-*.json"), key=lambda p: int(p.stem.split("-")[1]))
     found = [p for p in found if p.stem != "step-0"][-1:]
-    return found + sorted(out.glob("finetune-s*/eval.json"))
+    # the other seeds: finetune-sN/eval.json in a run folder, eval/seedN-step-K.json as kept in results/tables
+    return found + sorted(out.glob("finetune-s*/eval.json")) + sorted((out / "eval").glob("seed*-step-*.json"))
 
 
 def fmt(x, spec=".4f"):
@@ -61,9 +67,12 @@ def fmt(x, spec=".4f"):
 
 def downstream(runs: Path, task: str) -> list[str]:
     arms = [a for a in LABELS if arm_evals(runs, task, a)]
+    plain, chat = METRICS.get(task, METRICS["gsm8k"])
+    boolq = task == "boolq"            # a label prior alone moves accuracy: the majority label beside it
     lines = ["## Downstream (Tables 1-2 analog)", "",
-             "| arm | pairs | answers dropped | seeds | k-shot pass@1 | 0-shot chat pass@1 | held-out answer loss "
-             "(per seed) |", "|---|---|---|---|---|---|---|"]
+             f"| arm | pairs | answers dropped | seeds | {plain} | {chat} | "
+             + ("predicted true (plain / chat) | " if boolq else "")
+             + "held-out answer loss (per seed) |", "|---|---|---|---|---|---|" + ("---|" if boolq else "") + "---|"]
     for a in arms:
         evals = [json.loads(p.read_text())["summary"] for p in arm_evals(runs, task, a)]
         mean = lambda k: None if any(e.get(k) is None for e in evals) else sum(e[k] for e in evals) / len(evals)
@@ -72,12 +81,18 @@ def downstream(runs: Path, task: str) -> list[str]:
         dropped = st.get("answer", {}).get("dropped")
         dropped = "–" if dropped is None else (", ".join(f"{k} {v}" for k, v in dropped.items()) or "0")
         losses = " / ".join(f"{e['answer_loss']:.4f}" for e in evals)
+        shares = f"{fmt(mean('true_share'), '.2f')} / {fmt(mean('chat_true_share'), '.2f')} | " if boolq else ""
         lines.append(f"| {LABELS[a]} | {pairs} | {dropped} | {len(evals)} | {fmt(mean('score'), '.3f')} "
-                     f"(n={evals[0]['n']}) | {fmt(mean('chat_score'), '.3f')} | {fmt(mean('answer_loss'))} "
+                     f"(n={evals[0]['n']}) | {fmt(mean('chat_score'), '.3f')} | {shares}{fmt(mean('answer_loss'))} "
                      f"({losses}; n={evals[0].get('answer_n', evals[0]['n'])}) |")
+    if boolq and arms:
+        e = json.loads(arm_evals(runs, task, arms[0])[0].read_text())["summary"]
+        if "majority_accuracy" in e:
+            lines += ["", f"Always answering the majority label ({e['majority_label']!r}) of these {e['n']} items "
+                      f"scores {e['majority_accuracy']:.3f}: an accuracy near it can be a prior shift alone."]
     lines += ["", "## Paired comparisons (95% bootstrap over held-out items, fine-tuning seeds pooled)", "",
-              "| A vs B | claim | Δ k-shot pass@1 [95%] | Δ chat pass@1 [95%] | Δ answer loss [95%] (lower is "
-              "better) | verdicts (pass@1, chat, loss) |", "|---|---|---|---|---|---|"]
+              f"| A vs B | claim | Δ {plain} [95%] | Δ {chat} [95%] | Δ answer loss [95%] (lower is "
+              "better) | verdicts (plain, chat, loss) |", "|---|---|---|---|---|---|"]
     for a, b, claim in COMPARISONS:
         pa, pb = arm_evals(runs, task, a), arm_evals(runs, task, b)
         if not pa or not pb:
