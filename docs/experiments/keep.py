@@ -4,7 +4,8 @@ before the arm finishes loses only its model weights (the run folders live outsi
     python docs/experiments/keep.py runs/t2/gsm8k-np [runs/t2/boolq-train ...]
 
 Every file under 5 MB is copied: settings, state, reports, per-item evaluation files, questions,
-answers, data.jsonl and P_θ's checkpoint (a few MB at most); the students' weights are not. Files
+answers, data.jsonl and P_θ's checkpoint (a few MB at most); the students' checkpoint folders
+(`step-N/`) are not. Files
 are written atomically and a second call copies only what changed.
 """
 from __future__ import annotations
@@ -26,6 +27,8 @@ def keep(run: Path, dest: Path) -> tuple[int, int]:
     for src in sorted(p for p in run.rglob("*") if p.is_file()):
         rel = src.relative_to(run)
         if any(part.startswith(".") for part in rel.parts):       # temp files of atomic writes, locks
+            continue
+        if any(part.startswith("step-") for part in rel.parts[:-1]):   # a student's checkpoint folder
             continue
         if src.stat().st_size > LIMIT:
             skipped += 1
