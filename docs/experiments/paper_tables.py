@@ -24,7 +24,7 @@ import data  # noqa: E402
 import stats  # noqa: E402
 
 LABELS = {"base": "student before fine-tuning", "train": "train (control: real questions, reference answers)",
-          "np": "SS_NP", "mp": "SS_MP2", "mc": "SS_MC", "pt": "PT", "pt_sr": "PT_SR",
+          "np": "SS_NP", "mp": "SS_MP2", "mc": "SS_MC", "pt": "PT", "pt_sr": "PT_SR (at pt_matched's counts)",
           "mc_full": "SS_MC on whole examples (--target full)", "mc_asis": "SS_MC, as-is answers",
           "pt_asis": "PT, as-is answers (Fig. 9)", "pt_matched": "PT at matched N (3x completions and attempts)"}
 # (A, B, what the paper says): the orderings its claims rest on

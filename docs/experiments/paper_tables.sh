@@ -63,7 +63,9 @@ for a in $ARMS; do
   case $a in
     train)   arm train --method train ;;
     mc|np|mp) arm "$a" --method "$a" --answer-format fewshot ;;
-    pt|pt_sr) arm "$a" --method "$a" --answer-format fewshot ;;
+    pt) arm pt --method pt --answer-format fewshot ;;
+    # PT_SR refines PT's questions one for one, so it has PT's low yield: run at pt_matched's counts
+    pt_sr) arm pt_sr --method pt_sr --answer-format fewshot --n-generate $((G * 16 / 5)) --answer-attempts 4 ;;
     mc_full) arm mc_full --method mc --target full ;;
     mc_asis) share mc mc_asis softsrv generated.jsonl; arm mc_asis --method mc --answer-format as-is ;;
     pt_asis) share pt pt_asis pt_completions.jsonl; arm pt_asis --method pt --answer-format as-is ;;
