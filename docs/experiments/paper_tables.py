@@ -30,7 +30,11 @@ LABELS = {"base": "student before fine-tuning", "train": "train (control: real q
 # (A, B, what the paper says): the orderings its claims rest on
 COMPARISONS = [("train", "base", "fine-tuning on real pairs helps (the control must)"),
                ("mc", "base", "fine-tuning on SoftSRV's pairs helps"),
+               ("np", "base", "fine-tuning on SS_NP's pairs helps"),
+               ("mp", "base", "fine-tuning on SS_MP2's pairs helps"),
+               ("mc_full", "base", "fine-tuning on SS_MC's whole examples helps"),
                ("pt", "base", "fine-tuning on PT's pairs helps"),
+               ("pt_sr", "base", "fine-tuning on PT_SR's pairs helps"),
                ("pt_matched", "base", "fine-tuning on PT's pairs helps, pairs matched"),
                ("mc", "pt", "SoftSRV beats prompt templates (Tables 1-2)"),
                ("mc", "pt_matched", "SoftSRV beats prompt templates, pairs matched (Tables 1-2)"),
