@@ -44,6 +44,7 @@ COMPARISONS = [("train", "base", "fine-tuning on real pairs helps (the control m
                ("mc", "mp", "MC >= MP2"),
                ("mc", "train", "SoftSRV vs the real data (Table 3: MC beats train when mixed)"),
                ("mc_full", "mc", "(beyond the paper) whole examples vs answered questions"),
+               ("mc_full", "train", "(beyond the paper) whole examples vs the real data"),
                ("mc", "mc_asis", "(design) the same k-shot answer prompt vs the question as-is"),
                ("pt", "pt_asis", "(design) the same k-shot answer prompt vs Fig. 9")]
 
