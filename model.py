@@ -171,7 +171,7 @@ def fused_linear(x: torch.Tensor, layers: list[nn.Module]) -> torch.Tensor:
         pad = -rows % 4 if _ROW_INVARIANT[0] else 0
         if pad:
             # MKL computes rows in blocks of 4 and the last, partial block with another kernel whose
-            # last bits differ (seen on AVX2-only CPUs; one row may even take a GEMV path), so a row
+            # last bits differ (seen on AMD EPYC CPUs; one row may even take a GEMV path), so a row
             # would change with the batch: the rows are padded to whole blocks.
             x2 = x.reshape(rows, -1)
             x2 = torch.cat([x2, x2[-1:].expand(pad, -1)])

@@ -4,9 +4,9 @@ before the arm finishes loses only its model weights (the run folders live outsi
     python docs/experiments/keep.py runs/t2/gsm8k-np [runs/t2/boolq-train ...]
 
 Every file under 5 MB is copied: settings, state, reports, per-item evaluation files, questions,
-answers, data.jsonl and P_θ's checkpoint (a few MB at most); the students' checkpoint folders
-(`step-N/`) are not. Files
-are written atomically and a second call copies only what changed.
+answers, data.jsonl, and P_θ's checkpoint where it is that small (NP's and MP's; MC's is over 30 MB).
+The students' checkpoint folders (`step-N/`) are not. Files are written atomically, and a second
+call copies only what changed.
 """
 from __future__ import annotations
 
