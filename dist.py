@@ -25,9 +25,10 @@ def init_distributed() -> tuple[int, int, str]:
     """(rank, world size, device) of this process. Under torchrun (WORLD_SIZE > 1) joins the
     process group: gloo on CPUs, nccl on GPUs with one GPU per rank (LOCAL_RANK)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = default_device() == "cuda"
+    device = default_device()
+    cuda = device == "cuda"
     if world == 1:
-        return 0, 1, default_device()
+        return 0, 1, device
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if cuda:
         torch.cuda.set_device(local)

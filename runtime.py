@@ -13,13 +13,12 @@ import torch
 import torch.nn.functional as F
 
 DTYPES = ("auto", "bf16", "fp32")
+_AUTO_DTYPE: dict[str, torch.dtype] = {}
 
 
 def default_device() -> str:
     """The one device choice of every step that is not told one: the GPU when there is one."""
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-_AUTO_DTYPE: dict[str, torch.dtype] = {}
 
 
 def dtype_of(name: str, device: str = "cpu") -> torch.dtype:
@@ -85,5 +84,5 @@ def keep_freed_memory() -> bool:
     # Blocks up to MMAP_ABOVE come from the heap and go back to it, and the heap never shrinks. Larger
     # ones (a step's logits: [8, 145, 262144] fp32 on Gemma) keep their own mappings, returned on free:
     # in the heap, tensors that large and of a different size each step fragment it without bound
-    # (measured in docs/experiments/README.md: an SS_MC run on whole examples was OOM-killed).
+    # (measured in docs/performance.md: an SS_MC run on whole examples was OOM-killed).
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_ABOVE)) & bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
